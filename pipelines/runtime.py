@@ -1,0 +1,44 @@
+"""Starting or joining a Ray cluster the same way from every job and test."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# On a 2-core machine, training workers at 1 CPU each leave Ray Data no CPU and the stream hangs
+# (FACTS.md). A local cluster therefore advertises at least this many logical CPUs; each task and
+# actor sets torch's thread count to what it was given.
+MIN_LOCAL_LOGICAL_CPUS = 4
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start a local cluster; no-op if already initialised."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS)
+    log.info("starting a local Ray cluster with %d logical CPUs", cpus)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+
+
+def set_torch_threads(num: float | int | None = None) -> int:
+    """Give torch the CPUs this task or actor was assigned (Ray sets OMP_NUM_THREADS=1 otherwise)."""
+    import torch
+
+    if num is None:
+        try:
+            num = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        except Exception:  # outside a Ray worker
+            num = os.cpu_count() or 1
+    threads = max(1, min(int(round(num)), os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    return threads

@@ -1,0 +1,130 @@
+"""Shared fixtures: one local Ray session, one real `mlflow server`, a tiny saved VAE, the digits.
+
+Ray start-up costs seconds and a TorchTrainer.fit ~20 s here, so the whole suite shares one Ray
+session (``ray_session``) with 4 logical CPUs (FACTS.md: 2 training workers at 1 CPU plus a Ray
+Data stream hang on 2).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The suite's one local Ray cluster (4 logical CPUs, small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            log_to_driver=True,
+        )
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback with a SQLite backend; yields its http:// URI."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]  # fmt: skip
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not become healthy in 90 s")
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def make_tiny_vae(path, latent_channels: int = 4, seed: int = 0):
+    """A randomly initialised 2-block diffusers AutoencoderKL (2× down-sampling), saved to ``path``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+    )
+    vae.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A tiny AutoencoderKL saved with save_pretrained (the real loading path)."""
+    return make_tiny_vae(tmp_path_factory.mktemp("tiny_vae") / "vae")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    """The bundled digits at 16 px as an ImageFolder tree with train/ and val/."""
+    from vitdit.digits import export_digits
+
+    root = tmp_path_factory.mktemp("digits") / "digits16"
+    export_digits(str(root), resolution=16)
+    return str(root)
+
+
+@pytest.fixture
+def clean_dir(tmp_path):
+    d = tmp_path / "work"
+    d.mkdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
