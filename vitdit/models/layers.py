@@ -67,7 +67,7 @@ def set_attn_impl(model: nn.Module, impl: str) -> nn.Module:
     if impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
     for m in model.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, Attention) or hasattr(m, "attn_impl"):
             m.attn_impl = impl
     return model
 
