@@ -34,6 +34,8 @@ def set_torch_threads(num: float | int | None = None) -> int:
     """Give torch the CPUs this task or actor was assigned (Ray sets OMP_NUM_THREADS=1 otherwise)."""
     import torch
 
+    if num is None and not ray.is_initialized():
+        num = os.cpu_count() or 1  # outside Ray: asking the runtime context would start a cluster
     if num is None:
         try:
             num = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)

@@ -62,7 +62,7 @@ def mlflow_server(tmp_path_factory):
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
@@ -74,7 +74,7 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
     else:
         proc.kill()
-        raise RuntimeError("mlflow server did not become healthy in 90 s")
+        raise RuntimeError("mlflow server did not become healthy in 240 s")
     yield uri
     proc.terminate()
     try:

@@ -1,0 +1,483 @@
+"""Batch sampling from a DiT checkpoint: a Ray Data actor pool of DiT + VAE decoder.
+
+The job is a data set of *chunks* of sample indices (chunk c = indices [c·B, (c+1)·B)) mapped by
+:class:`SampleGenerator` actors, each of which loads the DiT and the VAE once in ``__init__``.
+Sample i gets label ``classes[i % len(classes)]`` and its initial and step noise from its own
+generator seeded by ``(seed, i)``, and every chunk runs as one model batch of the same indices, so
+sample i is identical whatever the number of actors (Ray may split or merge blocks of a plain
+``range(N)``; a chunk is the unit of work instead, so the batch composition never changes).
+
+The driver writes each chunk's PNGs as it arrives (atomically), so a killed job re-run with the
+same flags samples only the missing chunks; it then assembles ``samples.npz`` and ``grid.png``
+(``vitdit.samples``) and logs the grid and the sampling config to MLflow in a run of experiment
+``vitdit-sample`` tagged with the training run's id (``vitdit.training_run_id``), or into an
+existing run (``mlflow_run_id``, what scheduled evaluation uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitdit import samples as layout
+from vitdit.errors import VitditError
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("ddpm", "ddim")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Settings that change what sample i is: a re-run into the same --output must keep them.
+_DETERMINING = (
+    "checkpoint",
+    "vae",
+    "classes",
+    "cfg_scale",
+    "sampler",
+    "sampling_steps",
+    "seed",
+    "ema",
+    "batch_size",
+)
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    checkpoint: str = dataclasses.field(
+        metadata={"help": "checkpoint dir, run dir (latest checkpoint) or a facebookresearch/DiT .pt"}
+    )
+    output: str = dataclasses.field(metadata={"help": "samples directory (images/, samples.npz, grid.png)"})
+    num_samples: int = dataclasses.field(default=100, metadata={"help": "total number of samples"})
+    vae: str | None = dataclasses.field(default=None, metadata={"help": "VAE (default: the checkpoint's)"})
+    classes: tuple[int, ...] = dataclasses.field(
+        default=(), metadata={"help": "comma-separated class ids (default: all classes)"}
+    )
+    cfg_scale: float = dataclasses.field(default=1.0, metadata={"help": "classifier-free guidance scale"})
+    guided_channels: int | None = dataclasses.field(
+        default=None, metadata={"help": "guide only the first K latent channels (3 = DiT's quirk)"}
+    )
+    sampler: str = dataclasses.field(default="ddim", metadata={"choices": SAMPLERS})
+    sampling_steps: int = 50
+    eta: float = dataclasses.field(default=0.0, metadata={"help": "DDIM eta"})
+    seed: int = 0
+    ema: bool = dataclasses.field(default=True, metadata={"help": "use the EMA weights (--no-ema: raw)"})
+    num_actors: int = dataclasses.field(
+        default=1, metadata={"help": "sampling actors (one GPU each with GPUs)"}
+    )
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "samples per chunk (one model batch)"})
+    cpus_per_actor: float = 1.0
+    use_gpu: bool | None = dataclasses.field(
+        default=None, metadata={"help": "one GPU per actor (default: when the cluster has GPUs)"}
+    )
+    precision: str = dataclasses.field(default="auto", metadata={"choices": PRECISIONS})
+    overwrite: bool = dataclasses.field(
+        default=False, metadata={"help": "replace samples made with other flags"}
+    )
+    mlflow: bool = dataclasses.field(default=True, metadata={"help": "log the grid and config to MLflow"})
+    tracking_uri: str | None = None
+    experiment: str = "vitdit-sample"
+    mlflow_run_id: str | None = dataclasses.field(default=None, metadata={"help": "log into this run"})
+    address: str | None = dataclasses.field(default=None, metadata={"help": "Ray address (default: local)"})
+
+
+# --- loading a DiT: vitdit checkpoints and facebookresearch/DiT release files ---------------------
+
+
+def _is_release_file(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith((".pt", ".pth"))
+
+
+def infer_release_config(state: dict[str, torch.Tensor]):
+    """The DiTConfig of a facebookresearch/DiT state dict, read from its tensor shapes."""
+    from vitdit.models import DIT_PRESETS, DiTConfig
+
+    try:
+        proj = state["x_embedder.proj.weight"]  # hidden, C, p, p
+        hidden, in_channels, patch = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
+        num_patches = int(state["pos_embed"].shape[1])
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        out_channels = int(state["final_layer.linear.weight"].shape[0]) // (patch * patch)
+        table = int(state["y_embedder.embedding_table.weight"].shape[0])
+    except (KeyError, IndexError, ValueError) as e:
+        raise VitditError(f"not a facebookresearch/DiT state dict (missing or odd key: {e})") from e
+    heads = next(
+        (c.num_heads for c in DIT_PRESETS.values() if (c.hidden_size, c.depth) == (hidden, depth)),
+        hidden // 64,
+    )
+    # DiT keeps an extra null-class row in the label table when it trains with label dropout.
+    num_classes = table - 1
+    return DiTConfig(
+        input_size=int(round(math.sqrt(num_patches))) * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        num_classes=num_classes,
+        class_dropout_prob=0.1 if num_classes > 0 else 0.0,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+
+
+def _load_release_state(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - pickled code, or not a torch file at all
+        raise VitditError(f"--checkpoint {path}: cannot load with weights_only=True ({e})") from e
+    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]  # a DiT training checkpoint rather than the release's plain EMA state dict
+    if not isinstance(state, dict):
+        raise VitditError(f"--checkpoint {path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def checkpoint_info(checkpoint: str) -> dict[str, Any]:
+    """What the driver needs to know about a checkpoint without building the model.
+
+    {"path", "kind": "vitdit"|"release", "model_config" (dict), "class_names", "vae" (dict or None),
+    "diffusion" (dict), "step", "mlflow" (dict or None)}.
+    """
+    from vitdit.checkpoint import read_config, resolve_checkpoint_dir
+
+    if _is_release_file(checkpoint):
+        cfg = infer_release_config(_load_release_state(checkpoint, mmap=True))
+        return {
+            "path": os.path.abspath(checkpoint),
+            "kind": "release",
+            "model_config": dataclasses.asdict(cfg),
+            "class_names": [str(i) for i in range(cfg.num_classes)],
+            "vae": None,
+            "diffusion": {"learn_sigma": cfg.learn_sigma},
+            "step": None,
+            "mlflow": None,
+        }
+    if not os.path.exists(checkpoint):
+        raise VitditError(f"--checkpoint {checkpoint}: no such file or directory")
+    path = resolve_checkpoint_dir(checkpoint)
+    config = read_config(path)
+    if config.get("kind") != "dit":
+        raise VitditError(f"--checkpoint {path}: a {config.get('kind')!r} checkpoint, sampling needs a DiT")
+    mc = config["model_config"]
+    return {
+        "path": path,
+        "kind": "vitdit",
+        "model_config": mc,
+        "class_names": config.get("class_names") or [str(i) for i in range(mc["num_classes"])],
+        "vae": config.get("vae"),
+        "diffusion": config.get("diffusion") or {},
+        "step": config.get("step"),
+        "mlflow": config.get("mlflow"),
+    }
+
+
+def load_dit(checkpoint: str, use_ema: bool = True) -> torch.nn.Module:
+    """The DiT of a vitdit checkpoint (EMA weights by default) or of a DiT release ``.pt``, in eval mode."""
+    from vitdit.checkpoint import load_model, resolve_checkpoint_dir
+    from vitdit.models import model_from_config
+
+    if _is_release_file(checkpoint):
+        state = _load_release_state(checkpoint)
+        model = model_from_config(infer_release_config(state))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise VitditError(f"--checkpoint {checkpoint}: weights do not fit the inferred DiT ({e})") from e
+        return model.eval()
+    model, _ = load_model(resolve_checkpoint_dir(checkpoint), use_ema=use_ema)
+    return model
+
+
+# --- the actor ------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample ``index``: a hash of (seed, index), independent of batching."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def chunk_indices(chunk: int, batch_size: int, num_samples: int) -> range:
+    return range(chunk * batch_size, min((chunk + 1) * batch_size, num_samples))
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class SampleGenerator:
+    """Ray Data actor: chunk ids in, {"index", "label", "image" (uint8 N×H×W×3)} out.
+
+    Loads the DiT and the VAE once; also usable without Ray (``generate(indices)``).
+    """
+
+    def __init__(
+        self, config: dict[str, Any], vae_name: str, vae_factors: dict[str, Any], classes: list[int]
+    ):
+        import ray
+
+        from pipelines.runtime import set_torch_threads
+        from vitdit.diffusion import create_diffusion
+        from vitdit.vae import load_vae
+
+        # Inside an actor: the CPUs it was given (Ray sets OMP_NUM_THREADS=1). Outside Ray (unit
+        # tests) the default is right, and asking Ray's runtime context would start a cluster.
+        if ray.is_initialized():
+            set_torch_threads()
+        self.cfg = SampleConfig(**config)
+        self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        self.classes = list(classes)
+        self.model = load_dit(self.cfg.checkpoint, use_ema=self.cfg.ema).to(self.device)
+        self.vae = load_vae(vae_name, device=self.device)
+        self.vae_factors = vae_factors
+        info = checkpoint_info(self.cfg.checkpoint)
+        diff = dict(info["diffusion"])
+        respacing = (
+            f"ddim{self.cfg.sampling_steps}" if self.cfg.sampler == "ddim" else str(self.cfg.sampling_steps)
+        )
+        allowed = set(inspect.signature(create_diffusion).parameters) - {"timestep_respacing"}
+        diff = {k: v for k, v in diff.items() if k in allowed}
+        diff["learn_sigma"] = self.model.config.learn_sigma
+        self.diffusion = create_diffusion(timestep_respacing=respacing, **diff)
+        self.autocast = _autocast_dtype(self.cfg.precision, self.device)
+
+    def _model_fn(self):
+        from vitdit.diffusion.samplers import cfg_model
+
+        cfg = self.cfg
+        if cfg.cfg_scale != 1.0:
+            fn = cfg_model(self.model, cfg.cfg_scale, self.model.config.num_classes, cfg.guided_channels)
+        else:
+            fn = self.model
+        if self.autocast is None:
+            return fn
+
+        def cast(x, t, y):
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                return fn(x, t, y).float()
+
+        return cast
+
+    @torch.no_grad()
+    def generate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images N×H×W×3 and labels of the given sample indices (one model batch)."""
+        from vitdit.diffusion.samplers import ddim_sample, ddpm_sample
+        from vitdit.vae import decode_latents
+
+        mc = self.model.config
+        indices = [int(i) for i in indices]
+        labels = np.array([layout.label_for_index(i, self.classes) for i in indices], dtype=np.int64)
+        gens = [torch.Generator().manual_seed(sample_seed(self.cfg.seed, i)) for i in indices]
+        shape = (mc.in_channels, mc.input_size, mc.input_size)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # N, C, h, w
+        y = torch.from_numpy(labels).to(self.device)
+        fn = self._model_fn()
+        if self.cfg.sampler == "ddim":
+            z = ddim_sample(fn, self.diffusion, noise, {"y": y}, eta=self.cfg.eta, generator=gens)
+        else:
+            z = ddpm_sample(fn, self.diffusion, noise, {"y": y}, generator=gens)
+        images = decode_latents(self.vae, z, self.vae_factors)  # N, 3, H, W in [-1, 1]
+        return layout.to_uint8(images), labels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"index": [], "label": [], "image": []}
+        for chunk in batch["chunk"]:
+            idx = chunk_indices(int(chunk), self.cfg.batch_size, self.cfg.num_samples)
+            images, labels = self.generate(idx)
+            out["index"].append(np.asarray(idx, dtype=np.int64))
+            out["label"].append(labels)
+            out["image"].append(images)
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SampleResult:
+    output: str
+    num_samples: int
+    num_generated: int  # this run (the rest existed from an earlier run)
+    seconds: float
+    mlflow_run_id: str | None
+    config: dict[str, Any]
+
+
+def resolve_sampling(cfg: SampleConfig) -> tuple[dict[str, Any], dict[str, Any], list[int]]:
+    """(checkpoint info, resolved sampling config for sampling.json, classes); validates the flags."""
+    if cfg.num_samples <= 0:
+        raise VitditError(f"--num-samples {cfg.num_samples}: must be positive")
+    if cfg.batch_size <= 0 or cfg.num_actors <= 0:
+        raise VitditError(f"--batch-size {cfg.batch_size} / --num-actors {cfg.num_actors}: must be positive")
+    if cfg.sampling_steps <= 0:
+        raise VitditError(f"--sampling-steps {cfg.sampling_steps}: must be positive")
+    info = checkpoint_info(cfg.checkpoint)
+    num_classes = int(info["model_config"]["num_classes"])
+    classes = list(cfg.classes) or list(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise VitditError(f"--classes {bad}: the model has classes 0..{num_classes - 1}")
+    if cfg.cfg_scale != 1.0 and info["model_config"].get("class_dropout_prob", 0) <= 0:
+        raise VitditError(f"--cfg-scale {cfg.cfg_scale}: the model was trained without a null class")
+    if cfg.vae:
+        vae_name = cfg.vae
+    elif info["vae"]:
+        vae_name = info["vae"]["name_or_path"]
+    else:
+        raise VitditError(f"--checkpoint {cfg.checkpoint}: records no VAE; pass --vae")
+    resolved = {
+        **{k: getattr(cfg, k) for k in _DETERMINING},
+        "checkpoint": info["path"],
+        "vae": vae_name,
+        "classes": classes,
+        "class_names": info["class_names"],
+        "num_samples": cfg.num_samples,
+        "guided_channels": cfg.guided_channels,
+        "eta": cfg.eta,
+        "precision": cfg.precision,
+        "step": info["step"],
+        "training_run": info["mlflow"],
+        "model_config": info["model_config"],
+    }
+    return info, resolved, classes
+
+
+def _check_existing(output: str, resolved: dict[str, Any], overwrite: bool) -> None:
+    old = layout.read_config(output)
+    if not old:
+        return
+    changed = [k for k in _DETERMINING if k in old and json_equal(old[k], resolved[k]) is False]
+    if changed and not overwrite:
+        raise VitditError(
+            f"--output {output}: holds samples made with other {', '.join(changed)}; "
+            "choose another directory or pass --overwrite"
+        )
+    if changed:
+        import shutil
+
+        shutil.rmtree(os.path.join(output, layout.IMAGES_DIR), ignore_errors=True)
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    return norm(a) == norm(b)
+
+
+def run_sampling(cfg: SampleConfig) -> SampleResult:
+    """Generate ``cfg.num_samples`` samples into ``cfg.output`` (resumable), then log to MLflow."""
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    t0 = time.time()
+    info, resolved, classes = resolve_sampling(cfg)
+    output = os.path.abspath(cfg.output)
+    os.makedirs(output, exist_ok=True)
+    _check_existing(output, resolved, cfg.overwrite)
+
+    from vitdit.vae import load_vae, vae_identity
+
+    # The scale factors come from the VAE's own config (never hard-coded); loading it on the driver
+    # also fails fast on a bad --vae before any actor starts.
+    vae = load_vae(resolved["vae"])
+    identity = vae_identity(vae, resolved["vae"])
+    if info["vae"] and cfg.vae and info["vae"].get("sha256") and identity.sha256 != info["vae"].get("sha256"):
+        log.warning(
+            "--vae %s differs from the VAE the checkpoint was trained with (%s)", cfg.vae, info["vae"]
+        )
+    factors = dataclasses.asdict(identity)
+    resolved["vae_identity"] = factors
+    del vae
+
+    num_chunks = math.ceil(cfg.num_samples / cfg.batch_size)
+    done = layout.existing_indices(output)
+    todo = [
+        c
+        for c in range(num_chunks)
+        if any(i not in done for i in chunk_indices(c, cfg.batch_size, cfg.num_samples))
+    ]
+    generated = 0
+    if todo:
+        init_ray(cfg.address)
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+        actor_cfg = dataclasses.asdict(dataclasses.replace(cfg, use_gpu=use_gpu))
+        actors = min(cfg.num_actors, len(todo))
+        log.info(
+            "sampling %d of %d samples in %d chunks of %d with %d actor(s)%s",
+            sum(len(chunk_indices(c, cfg.batch_size, cfg.num_samples)) for c in todo),
+            cfg.num_samples, len(todo), cfg.batch_size, actors, " on GPUs" if use_gpu else "",
+        )  # fmt: skip
+        ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            SampleGenerator,
+            fn_constructor_kwargs={
+                "config": actor_cfg,
+                "vae_name": resolved["vae"],
+                "vae_factors": factors,
+                "classes": classes,
+            },  # fmt: skip
+            batch_size=1,  # one chunk = one model batch of cfg.batch_size samples
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=cfg.cpus_per_actor,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            layout.write_images(output, batch["index"], batch["image"], batch["label"])
+            generated += len(batch["index"])
+            log.info("sampled %d/%d", len(layout.existing_indices(output)), cfg.num_samples)
+    layout.finalize(output, cfg.num_samples, resolved)
+    seconds = time.time() - t0
+    run_id = log_sampling(cfg, resolved, output, seconds) if cfg.mlflow else None
+    return SampleResult(output, cfg.num_samples, generated, seconds, run_id, resolved)
+
+
+def log_sampling(cfg: SampleConfig, resolved: dict[str, Any], output: str, seconds: float) -> str | None:
+    """Grid + sampling config to MLflow, tagged with the training run; returns the run id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import bound_http_waits, resolve_tracking_uri
+
+    bound_http_waits()
+    training = resolved.get("training_run") or {}
+    uri = resolve_tracking_uri(cfg.tracking_uri or training.get("tracking_uri"))
+    client = MlflowClient(uri)
+    try:
+        if cfg.mlflow_run_id:
+            run_id = cfg.mlflow_run_id
+        else:
+            exp = client.get_experiment_by_name(cfg.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+            run_id = client.create_run(exp_id, run_name=f"sample-{os.path.basename(output)}").info.run_id
+        tags = {
+            "vitdit.kind": "sample",
+            "vitdit.checkpoint": resolved["checkpoint"],
+            "vitdit.samples": output,
+        }
+        if training.get("run_id"):
+            tags["vitdit.training_run_id"] = training["run_id"]
+        if resolved.get("step") is not None:
+            tags["vitdit.step"] = str(resolved["step"])
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+        params = {
+            f"sample.{k}": str(resolved[k])[:500] for k in (*_DETERMINING, "num_samples", "eta", "precision")
+        }
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+        client.log_metric(run_id, "sample/seconds", seconds, step=int(resolved.get("step") or 0))
+        client.log_artifact(run_id, os.path.join(output, layout.GRID_NAME), "samples")
+        client.log_artifact(run_id, os.path.join(output, layout.CONFIG_NAME), "samples")
+        if not cfg.mlflow_run_id:
+            client.set_terminated(run_id)
+        log.info("sampling logged to MLflow run %s at %s", run_id, uri)
+        return run_id
+    except Exception as e:  # noqa: BLE001 - the samples are on disk; tracking is best effort
+        log.warning("MLflow logging of the samples failed: %s", e)
+        return None

@@ -1,0 +1,158 @@
+"""Scheduled evaluation's claim protocol against a real `mlflow server` (the evaluation is a recorder)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from pipelines import scheduled_eval as se
+from vitdit.checkpoint import checkpoint_name
+
+
+def _fake_run_dir(root, steps, training_run_id):
+    """Checkpoint directories with only config.json: the protocol reads nothing else."""
+    for s in steps:
+        d = root / checkpoint_name(s)
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(
+            json.dumps({"kind": "dit", "step": s, "mlflow": {"run_id": training_run_id}})
+        )
+    return str(root)
+
+
+@pytest.fixture
+def training_run(mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("vitdit-dit") or client.get_experiment(
+        client.create_experiment("vitdit-dit")
+    )
+    return client, client.create_run(exp.experiment_id).info.run_id
+
+
+class Recorder:
+    def __init__(self, delay=0.2):
+        self.calls, self.lock, self.delay = [], threading.Lock(), delay
+
+    def __call__(self, ref, run_id):
+        with self.lock:
+            self.calls.append((ref.step, run_id, threading.current_thread().name))
+        time.sleep(self.delay)
+        return {"eval/fake": float(ref.step)}
+
+
+def test_parse_duration():
+    assert (
+        se.parse_duration("30m") == 1800 and se.parse_duration("2h") == 7200 and se.parse_duration("45") == 45
+    )
+    assert se.parse_duration(None) is None
+    with pytest.raises(se.VitditError, match="--every"):
+        se.parse_duration("soon")
+
+
+def test_two_watchers_at_once_evaluate_each_checkpoint_exactly_once(
+    mlflow_server, training_run, tmp_path, caplog
+):
+    client, train_id = training_run
+    run_dir = _fake_run_dir(tmp_path / "run", [100, 200, 300], train_id)
+    # Retention deleted step 50 before anyone evaluated it; the training run still names it.
+    client.set_tag(train_id, "checkpoint.00000050", str(tmp_path / "run" / checkpoint_name(50)))
+    recorder = Recorder()
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+    experiment = f"eval-{tmp_path.name}"
+
+    def watcher(name, source):
+        try:
+            barrier.wait()
+            results[name] = se.watch(
+                source, recorder, tracking_uri=mlflow_server, experiment=experiment, settle_s=0.5
+            )
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    caplog.set_level(logging.INFO, logger="pipelines.scheduled_eval")
+    # One watcher is given the run directory, the other the MLflow run id: the same keys.
+    threads = [
+        threading.Thread(target=watcher, args=("a", run_dir), name="a"),
+        threading.Thread(target=watcher, args=("b", train_id), name="b"),
+    ]
+    client.log_param(train_id, "output", run_dir)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    steps = sorted(step for step, _, _ in recorder.calls)
+    assert steps == [100, 200, 300], recorder.calls
+    done = [r for rs in results.values() for r in rs if r["state"] == "done"]
+    assert sorted(r["step"] for r in done) == [100, 200, 300]
+    assert "deleted by retention" in caplog.text and "checkpoint_00000050" in caplog.text
+
+    # The evaluation runs are tagged, and the training run links to them.
+    runs = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        filter_string="tags.`vitdit.eval.state` = 'done'",
+    )
+    assert sorted(int(r.data.tags[se.TAG_STEP]) for r in runs) == [100, 200, 300]
+    assert all(r.data.tags[se.TAG_TRAINING_RUN] == train_id for r in runs)
+    tags = client.get_run(train_id).data.tags
+    assert {tags[f"vitdit.eval.{s:08d}"] for s in (100, 200, 300)} == {r.info.run_id for r in runs}
+
+    # A later pass (cron) finds nothing to do; a new checkpoint is evaluated once.
+    _fake_run_dir(tmp_path / "run", [400], train_id)
+    again = se.watch(run_dir, recorder, tracking_uri=mlflow_server, experiment=experiment, settle_s=0.1)
+    assert [r["step"] for r in again] == [400]
+    assert sorted(step for step, _, _ in recorder.calls) == [100, 200, 300, 400]
+
+
+def test_stale_claim_is_taken_over_and_failure_is_retried(mlflow_server, training_run, tmp_path):
+    client, train_id = training_run
+    run_dir = _fake_run_dir(tmp_path / "run", [10], train_id)
+    experiment = f"eval-{tmp_path.name}"
+    protocol = se.ClaimProtocol(client, experiment, claim_timeout_s=60.0, settle_s=0.1)
+    ref = se.find_checkpoints(run_dir)[0][0]
+    # A watcher that died mid-evaluation left a claim behind.
+    dead = protocol.try_claim(ref)
+    assert dead is not None and protocol.status(ref.key) == "claimed"
+    recorder = Recorder(delay=0)
+    kwargs = dict(tracking_uri=mlflow_server, experiment=experiment, claim_timeout_s=60.0, settle_s=0.1)
+    assert se.watch(run_dir, recorder, **kwargs) == [] and recorder.calls == []  # still live: left alone
+    # Its heartbeat stops: two minutes later the claim is stale.
+    client.set_tag(dead, se.TAG_HEARTBEAT, str(int(time.time() * 1000) - 120_000))
+    assert protocol.status(ref.key) is None
+
+    def failing(ref, run_id):
+        raise RuntimeError("out of memory")
+
+    assert [r["state"] for r in se.watch(run_dir, failing, **kwargs)] == ["failed"]
+    out = se.watch(run_dir, recorder, **kwargs)  # the failure is retried; the stale claim ignored
+    assert [r["state"] for r in out] == ["done"] and [c[0] for c in recorder.calls] == [10]
+    assert protocol.status(ref.key) == "done"
+
+
+def test_checkpoint_deleted_after_listing_is_skipped(mlflow_server, training_run, tmp_path, caplog):
+    client, train_id = training_run
+    run_dir = _fake_run_dir(tmp_path / "run", [7], train_id)
+    ref = se.find_checkpoints(run_dir)[0][0]
+
+    def deleting_evaluate(ref, run_id):  # retention runs while the evaluation loads the checkpoint
+        import shutil
+
+        shutil.rmtree(ref.path)
+        raise FileNotFoundError(os.path.join(ref.path, "ema.safetensors"))
+
+    caplog.set_level(logging.INFO, logger="pipelines.scheduled_eval")
+    out = se.watch(
+        run_dir, deleting_evaluate, tracking_uri=mlflow_server, experiment=f"e-{tmp_path.name}", settle_s=0.1
+    )
+    assert [r["state"] for r in out] == ["skipped"]
+    assert "deleted by retention" in caplog.text
+    protocol = se.ClaimProtocol(client, f"e-{tmp_path.name}")
+    assert protocol.status(ref.key) == "skipped"
