@@ -36,7 +36,7 @@ def preset_table(kind: str | None = None) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| preset | input | parameters | forward GMACs |", "| --- | --- | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| `{r['name']}` | {r['input']} | {r['params'] / 1e6:.2f}M | {r['gmacs']:.3f} |")
+        lines.append(f"| `{r['name']}` | {r['input']} | {r['params'] / 1e6:.2f}M | {r['gmacs']:.4g} |")
     return "\n".join(lines)
 
 
