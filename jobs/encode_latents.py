@@ -1,0 +1,47 @@
+"""``vitdit encode``: encode images into a latent data set with a diffusers VAE on Ray Data.
+
+Runbook::
+
+    vitdit data digits --output /tmp/digits --resolution 16
+    vitdit encode --input /tmp/digits/train --output /tmp/latents --vae ./my_vae --resolution 16
+    # a cluster: ray job submit --working-dir . -- python -m jobs.encode_latents \\
+    #     --input s3://bucket/shards --output s3://bucket/latents --vae stabilityai/sd-vae-ft-ema --flip
+
+Re-running the same command resumes (each image is written exactly once); other settings over an
+existing output are refused unless ``--overwrite``. Ends with a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs._common import add_dataclass_arguments, dataclass_from_args, run_main
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from pipelines.encode import EncodeConfig
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_dataclass_arguments(parser, EncodeConfig)
+    args = parser.parse_args(argv)
+    cfg = dataclass_from_args(EncodeConfig, args)
+
+    def body() -> int:
+        from pipelines.encode import encode_dataset
+
+        summary = encode_dataset(cfg)
+        print(
+            f"encode: read {summary['read']}, encoded {summary['encoded']}, quarantined {summary['quarantined']} "
+            f"→ {summary['output']} ({summary['parts']} parts, {summary['resumed_parts']} resumed, "
+            f"{summary['seconds']} s) {json.dumps(summary)}",
+            flush=True,
+        )
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

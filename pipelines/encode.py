@@ -1,0 +1,543 @@
+"""Precompute VAE latents with Ray Data: read → preprocess (CPU tasks) → encode (actor pool) → parts.
+
+Exactly-once output, whatever happens to the driver (DESIGN.md, "Latent dataset"):
+
+1. The source is listed in sorted order into numbered chunks (``pipelines.images``); chunk ``k``
+   becomes ``part-<k>.parquet`` and nothing else does.
+2. ``_settings.json`` records everything that would change the manifest before any work starts; a
+   re-run with other settings is refused unless ``--overwrite``.
+3. The driver streams encoded rows, and when every image of a chunk has come back it writes the
+   part under a temporary name and renames it, then writes ``_progress/chunk-<k>.json`` (row count
+   and quarantined inputs) the same way. A chunk is finished iff its marker exists; a re-run
+   reads only unfinished chunks and rewrites their parts whole.
+4. ``quarantine.jsonl`` and, last, ``manifest.json`` are assembled from the markers.
+
+Rows reach the driver only as latents (16 KB per 256² image at float16), never as pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import posixpath
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+
+import vitdit
+from pipelines.images import (
+    CHUNK,
+    ERROR,
+    IMAGE,
+    IMAGE_FLIP,
+    ImageSource,
+    Preprocess,
+    filesystem_for,
+    read_image_source,
+)
+from pipelines.runtime import init_ray, set_torch_threads
+from vitdit import latents as L
+from vitdit.errors import VitditError
+from vitdit.preprocess import to_unit_range
+from vitdit.vae import encode_posterior, latent_shape, load_vae, vae_identity
+
+log = logging.getLogger(__name__)
+
+SETTINGS_NAME = "_settings.json"
+PROGRESS_DIR = "_progress"
+PRECISIONS = ("fp32", "bf16", "fp16")
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class EncodeConfig:
+    """``vitdit encode``: every field is a ``--kebab-case`` flag."""
+
+    input: str = dataclasses.field(
+        metadata={"help": "image source: folder, webdataset tars or parquet (path or URI)"}
+    )
+    output: str = dataclasses.field(metadata={"help": "latent data set directory or URI"})
+    vae: str = dataclasses.field(metadata={"help": "diffusers AutoencoderKL: hub name or local directory"})
+    resolution: int = dataclasses.field(
+        default=256, metadata={"help": "image side after the ADM centre crop"}
+    )
+    flip: bool = dataclasses.field(default=False, metadata={"help": "also encode the mirrored image"})
+    batch_size: int = dataclasses.field(default=32, metadata={"help": "images per VAE forward pass"})
+    num_actors: int | None = dataclasses.field(
+        default=None, metadata={"help": "encoder actors (default: one per GPU, or 1 without GPUs)"}
+    )
+    num_gpus_per_actor: float | None = dataclasses.field(
+        default=None, metadata={"help": "GPUs per encoder actor (default: 1 when the cluster has GPUs)"}
+    )
+    num_cpus_per_actor: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "CPUs (= torch threads) per encoder actor (default: 1 with GPUs, else what is left after one reader)"
+        },
+    )
+    precision: str = dataclasses.field(
+        default="fp32", metadata={"help": "compute precision of the VAE", "choices": PRECISIONS}
+    )
+    storage_dtype: str = dataclasses.field(
+        default="float16", metadata={"help": "dtype of the stored mean/std", "choices": L.STORAGE_DTYPES}
+    )
+    format: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "source format", "choices": ("auto", "folder", "webdataset", "parquet")},
+    )
+    image_column: str = dataclasses.field(
+        default="image", metadata={"help": "parquet: column of image bytes"}
+    )
+    label_column: str | None = dataclasses.field(default="label", metadata={"help": "parquet: label column"})
+    id_column: str | None = dataclasses.field(
+        default=None, metadata={"help": "parquet: id column (default: <file>/<row>)"}
+    )
+    part_size: int = dataclasses.field(
+        default=1000,
+        metadata={
+            "help": "images per output part for folder sources (tar shards and parquet row groups are parts)"
+        },
+    )
+    vae_revision: str | None = dataclasses.field(default=None, metadata={"help": "hub revision of --vae"})
+    address: str | None = dataclasses.field(
+        default=None, metadata={"help": "Ray cluster address (default: start a local one)"}
+    )
+    overwrite: bool = dataclasses.field(
+        default=False, metadata={"help": "replace an existing output made with other settings"}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU (or CPU) stage
+
+
+class EncodeLatents:
+    """map_batches callable class: ``image`` (+ ``image_flip``) → posterior ``mean``/``std``.
+
+    Loads the VAE once per actor. Rows with a non-empty ``error`` are passed through with zero
+    latents (the driver quarantines them) so a batch never fails for one bad image.
+    """
+
+    def __init__(
+        self,
+        vae: str,
+        revision: str | None = None,
+        precision: str = "fp32",
+        storage_dtype: str = "float16",
+        use_gpu: bool = False,
+        num_threads: int | None = None,
+    ):
+        self.threads = set_torch_threads(num_threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.vae = load_vae(vae, device=self.device, revision=revision)
+        self.autocast = precision != "fp32"
+        self.amp_dtype = _TORCH_DTYPES[precision]
+        self.storage = np.dtype(storage_dtype)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(to_unit_range(images)).to(self.device)  # N, 3, R, R in [-1, 1]
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.autocast):
+            mean, std = encode_posterior(self.vae, x)
+        # Stored dtype is independent of the compute precision.
+        return (
+            mean.float().cpu().numpy().astype(self.storage),
+            std.float().cpu().numpy().astype(self.storage),
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch[IMAGE]
+        n, r = len(images), images.shape[1]
+        good = np.array([not e for e in batch[ERROR]], dtype=bool)
+        shape = (self.latent_channels, r // self.factor, r // self.factor)
+        flips = IMAGE_FLIP in batch
+        outs = {
+            c: np.zeros((n, *shape), dtype=self.storage)
+            for c in (*L.LATENT_COLUMNS, *(L.FLIP_COLUMNS if flips else ()))
+        }
+        k = int(good.sum())
+        if k:
+            # Original and mirrored images go through one forward pass: fewer, larger matmuls.
+            x = np.concatenate([images[good], batch[IMAGE_FLIP][good]]) if flips else images[good]
+            mean, std = self._encode(x)
+            outs[L.MEAN][good], outs[L.STD][good] = mean[:k], std[:k]
+            if flips:
+                outs[L.MEAN_FLIP][good], outs[L.STD_FLIP][good] = mean[k:], std[k:]
+        passthrough = {c: batch[c] for c in batch if c not in (IMAGE, IMAGE_FLIP)}
+        return {**passthrough, **outs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directory helpers (any pyarrow filesystem)
+
+
+class _Output:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = filesystem_for(uri)
+
+    def path(self, *names: str) -> str:
+        return posixpath.join(self.root, *names)
+
+    def exists(self, *names: str) -> bool:
+        return self.fs.get_file_info(self.path(*names)).type != pafs.FileType.NotFound
+
+    def read_text(self, *names: str) -> str:
+        with self.fs.open_input_stream(self.path(*names)) as f:
+            return f.read().decode()
+
+    def read_json(self, *names: str) -> Any:
+        return json.loads(self.read_text(*names))
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Write under a temporary name, then rename: readers never see half a file."""
+        final = self.path(name)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, final)
+
+    def write_table_atomic(self, name: str, table) -> None:
+        final = self.path(name)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f)
+        self.fs.move(tmp, final)
+
+    def list(self, sub: str = "") -> list[str]:
+        base = self.path(sub) if sub else self.root
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        return sorted(
+            posixpath.relpath(i.path, self.root)
+            for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=False))
+        )
+
+    def ours(self) -> list[str]:
+        """Every entry this job writes (what --overwrite removes)."""
+        names = [n for n in self.list() if n.startswith(L.PART_PREFIX) or ".tmp-" in n]
+        names += [
+            n for n in (L.MANIFEST_NAME, L.QUARANTINE_NAME, SETTINGS_NAME, PROGRESS_DIR) if self.exists(n)
+        ]
+        return names
+
+    def remove(self, names: list[str]) -> None:
+        for n in names:
+            p = self.path(n)
+            if self.fs.get_file_info(p).type == pafs.FileType.Directory:
+                self.fs.delete_dir(p)
+            else:
+                self.fs.delete_file(p)
+
+
+def part_name(index: int) -> str:
+    return f"{L.PART_PREFIX}{index:05d}.parquet"
+
+
+def marker_name(index: int) -> str:
+    return f"{PROGRESS_DIR}/chunk-{index:05d}.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def _settings(cfg: EncodeConfig, source: ImageSource, identity: L.VAEIdentity, shape) -> dict:
+    """Everything that changes the output; compared on a re-run before any work."""
+    return {
+        "vae": dataclasses.asdict(identity),
+        "resolution": cfg.resolution,
+        "flips": cfg.flip,
+        "storage_dtype": cfg.storage_dtype,
+        "latent_shape": list(shape),
+        "source_uri": source.uri,
+        "source_format": source.format,
+        "source_fingerprint": source.fingerprint,
+        "part_size": cfg.part_size,  # changes which ids land in which part
+        "class_names": source.class_names,
+    }
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if k == "vae" and isinstance(a, dict) and isinstance(b, dict):
+            same = (
+                a.get("sha256") == b.get("sha256")
+                if a.get("sha256") and b.get("sha256")
+                else (a.get("name_or_path"), a.get("revision")) == (b.get("name_or_path"), b.get("revision"))
+            )
+            if same and (a.get("scaling_factor"), a.get("shift_factor")) == (
+                b.get("scaling_factor"),
+                b.get("shift_factor"),
+            ):
+                continue
+        if a != b:
+            out.append(f"{k}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _check_resumable(out: _Output, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix settings in one output; with overwrite, clear what an earlier run wrote."""
+    existing = out.ours()
+    if not existing:
+        return
+    if overwrite:
+        log.info("--overwrite: removing %d entries of an earlier run in %s", len(existing), out.uri)
+        out.remove(existing)
+        return
+    if out.exists(SETTINGS_NAME):
+        diff = _diff(out.read_json(SETTINGS_NAME), settings)
+        if diff:
+            raise VitditError(
+                f"{out.uri}: holds a latent data set made with other settings ({'; '.join(diff)}); "
+                "use another --output, or pass --overwrite to replace it"
+            )
+        return
+    raise VitditError(
+        f"{out.uri}: holds latent files ({', '.join(existing[:3])}) but no {SETTINGS_NAME}, so it cannot be "
+        "resumed safely; use another --output, or pass --overwrite to replace them"
+    )
+
+
+def _resolve_resources(cfg: EncodeConfig) -> tuple[int, float, float]:
+    """(actors, GPUs per actor, CPUs per actor) from the flags and the cluster."""
+    res = ray.cluster_resources()
+    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    g = cfg.num_gpus_per_actor if cfg.num_gpus_per_actor is not None else (1.0 if gpus > 0 else 0.0)
+    if g > 0 and gpus == 0:
+        raise VitditError(f"--num-gpus-per-actor {g}: the Ray cluster has no GPUs")
+    n = cfg.num_actors or (max(1, int(gpus // g)) if g > 0 else 1)
+    if cfg.num_cpus_per_actor is not None:
+        c = cfg.num_cpus_per_actor
+    elif g > 0:
+        c = 1.0
+    else:
+        # CPU-only: the actors get what one reader task leaves, so torch uses the machine's cores.
+        c = float(max(1, int((cpus - 1) // n)))
+    if n * c > cpus:
+        raise VitditError(f"--num-actors {n} × {c} CPUs each: more than the cluster's {cpus:g} CPUs")
+    return n, g, c
+
+
+def _validate(cfg: EncodeConfig) -> None:
+    if cfg.resolution <= 0:
+        raise VitditError(f"--resolution {cfg.resolution}: must be positive")
+    if cfg.batch_size < 1:
+        raise VitditError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.precision not in PRECISIONS:
+        raise VitditError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if cfg.storage_dtype not in L.STORAGE_DTYPES:
+        raise VitditError(
+            f"--storage-dtype {cfg.storage_dtype!r}: choose one of {', '.join(L.STORAGE_DTYPES)}"
+        )
+    if cfg.num_actors is not None and cfg.num_actors < 1:
+        raise VitditError(f"--num-actors {cfg.num_actors}: must be at least 1")
+
+
+def build_dataset(
+    source: ImageSource, chunks, cfg: EncodeConfig, num_actors: int, gpus: float, cpus: float
+) -> ray.data.Dataset:
+    """The streaming pipeline over ``chunks``: read + preprocess tasks, then the encoder actor pool."""
+    ds = source.dataset_for(chunks)
+    # A plain callable instance runs as tasks, fused with the read: bytes never cross the object store.
+    ds = ds.map_batches(Preprocess(cfg.resolution, flip=cfg.flip), batch_size=cfg.batch_size)
+    return ds.map_batches(
+        EncodeLatents,
+        fn_constructor_kwargs={
+            "vae": cfg.vae,
+            "revision": cfg.vae_revision,
+            "precision": cfg.precision,
+            "storage_dtype": cfg.storage_dtype,
+            "use_gpu": gpus > 0,
+            "num_threads": int(cpus),
+        },
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_gpus=gpus,
+        num_cpus=cpus,
+    )
+
+
+def _source_of(chunk, id_: str) -> str:
+    """Where a quarantined input came from: its file, its tar shard member, or its parquet row group."""
+    if chunk.kind == "files":
+        return chunk.members[chunk.ids.index(id_)]
+    if chunk.kind == "tar":
+        return f"{chunk.path}#{chunk.members[chunk.ids.index(id_)]}"
+    return f"{chunk.path}#row_group={chunk.row_group}"
+
+
+class _ChunkWriter:
+    """Driver side: collects streamed rows per chunk; writes a chunk's part once it is complete."""
+
+    def __init__(self, out: _Output, chunks, flips: bool):
+        self.out = out
+        self.chunks = {c.index: c for c in chunks}
+        self.flips = flips
+        self.seen = {c.index: 0 for c in chunks}
+        self.rows: dict[int, list[dict[str, np.ndarray]]] = {c.index: [] for c in chunks}
+        self.bad: dict[int, list[tuple[str, str]]] = {c.index: [] for c in chunks}
+        self.encoded = 0
+        self.quarantined = 0
+        self.done = 0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        chunk_col = np.asarray(batch[CHUNK])
+        for k in np.unique(chunk_col):
+            k = int(k)
+            sel = chunk_col == k
+            sub = {c: v[sel] for c, v in batch.items()}
+            bad = np.array([bool(e) for e in sub[ERROR]], dtype=bool)
+            for i in np.flatnonzero(bad):
+                self.bad[k].append((str(sub[L.ID][i]), str(sub[ERROR][i])))
+            if (~bad).any():
+                self.rows[k].append({c: v[~bad] for c, v in sub.items()})
+            self.seen[k] += int(sel.sum())
+            if self.seen[k] == self.chunks[k].num_images:
+                self._finish(k)
+            elif self.seen[k] > self.chunks[k].num_images:
+                raise RuntimeError(f"chunk {k}: {self.seen[k]} rows for {self.chunks[k].num_images} images")
+
+    def _finish(self, k: int) -> None:
+        from ray.data.block import BlockAccessor
+
+        chunk = self.chunks[k]
+        cols = [L.ID, L.LABEL, *L.LATENT_COLUMNS, *(L.FLIP_COLUMNS if self.flips else ())]
+        parts = self.rows.pop(k)
+        n = sum(len(p[L.ID]) for p in parts)
+        part = None
+        if n:
+            merged = {c: np.concatenate([p[c] for p in parts]) for c in cols}
+            # Rows in listing order: the same part bytes whatever order the actors finished in.
+            order_of = {id_: i for i, id_ in enumerate(chunk.ids)}
+            order = np.argsort([order_of[str(i)] for i in merged[L.ID]], kind="stable")
+            batch = {c: merged[c][order] for c in cols}
+            batch[L.ID] = np.array([str(i) for i in batch[L.ID]], dtype=object)
+            batch[L.LABEL] = batch[L.LABEL].astype(np.int32)
+            part = part_name(k)
+            self.out.write_table_atomic(part, BlockAccessor.batch_to_block(batch))
+        quarantine = [{"id": i, "source": _source_of(chunk, i), "reason": r} for i, r in self.bad.pop(k)]
+        marker = {"chunk": k, "part": part, "num_rows": n, "quarantine": quarantine}
+        # The marker is written after the part: a chunk counts as finished only when both exist.
+        self.out.write_atomic(marker_name(k), json.dumps(marker).encode())
+        self.encoded += n
+        self.quarantined += len(quarantine)
+        self.done += 1
+
+
+def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
+    """Run (or resume) the encode job; returns a summary with read / encoded / quarantined counts.
+
+    Raises VitditError for bad input: a missing source, settings that differ from an existing
+    output without ``overwrite``, or a source whose every image is unusable.
+    """
+    _validate(cfg)
+    t0 = time.perf_counter()
+    source = read_image_source(
+        cfg.input,
+        format=cfg.format,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        id_column=cfg.id_column,
+        part_size=cfg.part_size,
+    )
+    vae = load_vae(cfg.vae, revision=cfg.vae_revision)
+    identity = vae_identity(vae, cfg.vae, cfg.vae_revision)
+    shape = latent_shape(vae, cfg.resolution)
+    del vae
+    if cfg.precision == "fp16" and cfg.num_gpus_per_actor == 0:
+        raise VitditError("--precision fp16 needs GPUs (CPU kernels lack fp16); use bf16 or fp32")
+
+    out = _Output(cfg.output)
+    settings = _settings(cfg, source, identity, shape)
+    _check_resumable(out, settings, cfg.overwrite)
+    if not out.exists(SETTINGS_NAME):
+        out.fs.create_dir(out.root, recursive=True)
+        out.write_atomic(SETTINGS_NAME, json.dumps(settings, indent=2, sort_keys=True).encode())
+    out.fs.create_dir(out.path(PROGRESS_DIR), recursive=True)
+    stale = [n for n in out.list() + out.list(PROGRESS_DIR) if ".tmp-" in n]
+    out.remove(stale)  # temporaries of a killed run
+
+    todo = [c for c in source.chunks if not out.exists(marker_name(c.index))]
+    resumed = len(source.chunks) - len(todo)
+    if out.exists(L.MANIFEST_NAME) and not todo:
+        # Complete already: report it and touch nothing.
+        log.info("%s is already complete", cfg.output)
+        done = L.Manifest.from_json(out.read_text(L.MANIFEST_NAME), where=out.path(L.MANIFEST_NAME))
+        return {
+            "output": cfg.output,
+            "read": source.num_images,
+            "encoded": done.num_rows,
+            "quarantined": done.num_quarantined,
+            "parts": len(done.parts),
+            "resumed_parts": resumed,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    if todo:
+        init_ray(cfg.address)
+        n_actors, gpus, cpus = _resolve_resources(cfg)
+        if cfg.precision == "fp16" and gpus == 0:
+            raise VitditError("--precision fp16 needs GPUs (CPU kernels lack fp16); use bf16 or fp32")
+        log.info(
+            "encoding %d images in %d parts (%d already finished) with %d actor(s) × %g GPU / %g CPU",
+            sum(c.num_images for c in todo), len(todo), resumed, n_actors, gpus, cpus,
+        )  # fmt: skip
+        ds = build_dataset(source, todo, cfg, n_actors, gpus, cpus)
+        writer = _ChunkWriter(out, todo, cfg.flip)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            writer.add(batch)
+        unfinished = [k for k, c in writer.chunks.items() if writer.seen[k] != c.num_images]
+        if unfinished:
+            raise RuntimeError(f"parts {unfinished[:5]} did not receive all their rows")
+
+    markers = [out.read_json(marker_name(c.index)) for c in source.chunks]
+    encoded = sum(m["num_rows"] for m in markers)
+    quarantine = [q for m in markers for q in m["quarantine"]]
+    if encoded == 0:
+        reasons = sorted({q["reason"] for q in quarantine})
+        raise VitditError(
+            f"{cfg.input}: all {len(quarantine)} inputs are unusable, nothing to encode "
+            f"(reasons: {'; '.join(reasons[:3])}); see {out.path(PROGRESS_DIR)}"
+        )
+    out.write_atomic(L.QUARANTINE_NAME, "".join(json.dumps(q) + "\n" for q in quarantine).encode())
+    manifest = L.Manifest(
+        num_rows=encoded,
+        latent_shape=tuple(shape),
+        storage_dtype=cfg.storage_dtype,
+        vae=identity,
+        resolution=cfg.resolution,
+        class_names=list(source.class_names),
+        flips=cfg.flip,
+        source_uri=source.uri,
+        source_fingerprint=source.fingerprint,
+        num_quarantined=len(quarantine),
+        parts=[{"path": m["part"], "num_rows": m["num_rows"]} for m in markers if m["part"]],
+        vitdit_version=vitdit.__version__,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    out.write_atomic(L.MANIFEST_NAME, manifest.to_json().encode())  # last: the data set is complete
+    return {
+        "output": cfg.output,
+        "read": source.num_images,
+        "encoded": encoded,
+        "quarantined": len(quarantine),
+        "parts": len(manifest.parts),
+        "resumed_parts": resumed,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

@@ -1,0 +1,111 @@
+"""Reading a latent data set (the output of ``vitdit encode``): the one reader every consumer uses.
+
+``read_latents(uri)`` checks the manifest (its absence means the data set is incomplete) and that
+the data set was made with the VAE and resolution the consumer expects, then reads exactly the parts
+the manifest lists. Columns and dtypes: ``vitdit.latents``. ``mean``/``std`` (and ``mean_flip``/
+``std_flip``) are fixed-shape tensor columns C×H×W, so ``iter_torch_batches`` yields B×C×H×W tensors.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from pipelines.images import filesystem_for
+from vitdit.errors import VitditError
+from vitdit.latents import FLIP_COLUMNS, LABEL, LATENT_COLUMNS, MANIFEST_NAME, Manifest, VAEIdentity
+
+
+def read_manifest(uri: str) -> Manifest:
+    """The manifest of the latent data set at ``uri``; VitditError when absent or unreadable."""
+    fs, path = filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise VitditError(f"{uri}: no such latent data set (path does not exist)")
+    mpath = posixpath.join(path, MANIFEST_NAME)
+    if fs.get_file_info(mpath).type != pafs.FileType.File:
+        raise VitditError(
+            f"{uri}: no {MANIFEST_NAME}, so the latent data set is incomplete (its encode job is still "
+            "running or stopped part way); re-run the same `vitdit encode` command to finish it"
+        )
+    with fs.open_input_stream(mpath) as f:
+        text = f.read().decode()
+    return Manifest.from_json(text, where=f"{uri}/{MANIFEST_NAME}")
+
+
+def part_paths(uri: str, manifest: Manifest) -> tuple[object, list[str]]:
+    """(filesystem, absolute paths of the parts the manifest lists)."""
+    fs, path = filesystem_for(uri)
+    return fs, [posixpath.join(path, p["path"]) for p in manifest.parts]
+
+
+def read_latents(
+    uri: str,
+    expect_vae: VAEIdentity | None = None,
+    expect_resolution: int | None = None,
+    expect_latent_shape: tuple[int, int, int] | None = None,
+    columns: list[str] | None = None,
+) -> tuple[ray.data.Dataset, Manifest]:
+    """(Ray Dataset of the latent rows, manifest) of the data set at ``uri``.
+
+    ``columns`` reads only those (e.g. ``["label", "mean", "std"]``: ``iter_torch_batches`` cannot
+    turn the string ``id`` column into a tensor).
+
+    Raises VitditError when the manifest is missing, DatasetMismatchError when the data set was made
+    with another VAE, resolution or latent shape than expected.
+    """
+    manifest = read_manifest(uri)
+    manifest.check_compatible(
+        vae=expect_vae, resolution=expect_resolution, latent_shape=expect_latent_shape, where=uri
+    )
+    if not manifest.parts:
+        raise VitditError(f"{uri}: the manifest lists no parts (an empty latent data set)")
+    fs, paths = part_paths(uri, manifest)
+    missing = [p for p in paths if fs.get_file_info(p).type != pafs.FileType.File]
+    if missing:
+        raise VitditError(
+            f"{uri}: {len(missing)} part(s) listed in the manifest are missing, e.g. {missing[0]}"
+        )
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns), manifest
+
+
+def load_latents_numpy(
+    uri: str, expect_vae: VAEIdentity | None = None
+) -> tuple[dict[str, np.ndarray], Manifest]:
+    """The whole data set as numpy arrays, without Ray (small data sets, tests, quickstart checks).
+
+    Returns ``{"id", "label", "mean", "std"[, "mean_flip", "std_flip"]}`` with N×C×H×W latents.
+    """
+    manifest = read_manifest(uri)
+    manifest.check_compatible(vae=expect_vae, where=uri)
+    fs, paths = part_paths(uri, manifest)
+    cols = ["id", LABEL, *LATENT_COLUMNS, *(FLIP_COLUMNS if manifest.flips else ())]
+    out: dict[str, list] = {c: [] for c in cols}
+    shape = tuple(manifest.latent_shape)
+    for p in paths:
+        with fs.open_input_file(p) as fh:
+            t = pq.read_table(fh)
+        for c in cols:
+            col = t.column(c).combine_chunks()
+            if c in LATENT_COLUMNS or c in FLIP_COLUMNS:
+                out[c].append(_tensor_column_to_numpy(col, shape))
+            else:
+                out[c].append(np.asarray(col.to_pylist() if c == "id" else col.to_numpy()))
+    arrays = {c: np.concatenate(v) if v else np.zeros((0,)) for c, v in out.items()}
+    arrays[LABEL] = arrays[LABEL].astype(np.int32)
+    return arrays, manifest
+
+
+def _tensor_column_to_numpy(col, shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed-shape tensor column → N×shape array, whether or not Ray's extension type is registered."""
+    if hasattr(col, "to_numpy") and getattr(col.type, "extension_name", "").startswith("ray.data"):
+        return np.asarray(col.to_numpy()).reshape((-1, *shape))
+    storage = col.storage if hasattr(col, "storage") else col
+    flat = storage.flatten()
+    while hasattr(flat, "flatten") and not hasattr(flat.type, "bit_width"):
+        flat = flat.flatten()
+    return np.asarray(flat.to_numpy(zero_copy_only=False)).reshape((-1, *shape))  # N, C, H, W
