@@ -1,0 +1,1 @@
+"""Ray Train training: one loop (``loop``) for every model kind, a task per kind (dit, vit, vae)."""

@@ -1,0 +1,888 @@
+"""One trainer for every model kind: Ray Train DDP, checkpoints, EMA, MLflow, fault tolerance.
+
+Interface (shared with pipelines/train/{vit,vae}.py; changes are listed here first):
+
+- ``TrainConfig``: the flags of every ``vitdit train`` command.
+- ``TrainTask``: subclass per model kind (datasets, build_model, model_config, loss, validate,
+  visualize, flops_per_sample, finalize, batch_columns).
+- ``run_training(task, cfg) -> TrainResult``: the driver (MLflow run, ``TorchTrainer.fit``, summary).
+
+Additions to the interface as first agreed (nothing was removed or renamed):
+
+- ``run_training(task, cfg, _test_hooks=None)``: test-only fault injection (``TEST_HOOKS``).
+- ``NonFiniteLossError`` (a VitditError: exit 2) is what the driver raises on a NaN/inf step.
+- The task object is pickled to the workers; test tasks in ``tests/`` must be shipped by value
+  (``ray.cloudpickle.register_pickle_by_value``, see ``tests/_train_utils.py``).
+- ``TrainResult.last_checkpoint`` is the real ``<output>/checkpoint_<step>`` directory. What Ray
+  Train records is a small pointer checkpoint (``vitdit_checkpoint.json`` → that directory): Ray
+  only registers checkpoints under its own run directory and would otherwise copy every one.
+- Rank 0 also appends its logged metrics to ``<output>/train_log.jsonl`` (each step once, across
+  restarts and --resume); ``finalize``'s summary goes to ``<output>/summary.json``.
+
+How a step works (every worker)::
+
+    for each of `accum` micro batches:   (no_sync on all but the last, so DDP all-reduces once)
+        loss = task.loss(model, batch, generator) under autocast; (loss / accum).backward()
+    all-reduce [loss, non-finite flag]   → every rank agrees to stop on NaN/inf (none hangs)
+    clip grads, AdamW step, EMA update (rank 0)
+    every log_every: rank 0 → MLflow; every eval_every: rank 0 validates (+ DiT sample grid)
+    every checkpoint_every and at the end: rank 0 writes checkpoint_<step>/ atomically, every rank
+    calls ray.train.report(..., checkpoint=...) (rank 0's checkpoint, None elsewhere)
+
+Determinism: the data order of an epoch is a pure function of (seed, epoch) (local shuffle seeded by
+both; block order preserved), and the RNG of every step is seeded from (seed, step, rank). So a run
+resumed from checkpoint_<s> (which records the data epoch and the batches of it consumed) repeats
+the uninterrupted run's losses exactly with 1 worker.
+
+A NaN/inf loss or gradient norm at step k: no update is applied, rank 0 writes
+``<output>/nonfinite.json``, every rank reports it and returns normally (so ``FailureConfig`` does
+not retry), and the driver raises :class:`NonFiniteLossError` naming k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from vitdit.checkpoint import (
+    CONFIG_KEYS,
+    apply_retention,
+    capture_rng_state,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    read_config,
+    resolve_checkpoint_dir,
+    restore_rng_state,
+    save_checkpoint,
+)
+from vitdit.ema import create_ema, unwrap_model, update_ema
+from vitdit.errors import VitditError
+from vitdit.lr import SCHEDULES, lr_at
+from vitdit.mfu import peak_flops
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+NONFINITE_MARKER = "nonfinite.json"
+SUMMARY_NAME = "summary.json"
+TRAIN_LOG_NAME = "train_log.jsonl"
+POINTER_NAME = "vitdit_checkpoint.json"  # what a Ray Train checkpoint of this loop holds
+
+
+class NonFiniteLossError(VitditError):
+    """Training stopped at a step whose loss or gradient norm was NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Flags shared by every ``vitdit train`` command (issue 4)."""
+
+    output: str = dataclasses.field(metadata={"help": "run directory or URI; checkpoints go under it"})
+    steps: int = dataclasses.field(default=1000, metadata={"help": "optimizer steps"})
+    global_batch_size: int = dataclasses.field(
+        default=256, metadata={"help": "samples per optimizer step, over all workers"}
+    )
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = dataclasses.field(default="constant", metadata={"choices": list(SCHEDULES)})
+    grad_clip: float = dataclasses.field(
+        default=1.0, metadata={"help": "max gradient norm; 0 turns clipping off"}
+    )
+    ema_decay: float = 0.9999
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    micro_batch_size: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "per-worker micro batch; gradient accumulation when smaller than the worker's share"
+        },
+    )
+    precision: str = dataclasses.field(
+        default="auto",
+        metadata={"choices": list(PRECISIONS), "help": "auto: bf16 where the device has bf16 matrix units"},
+    )
+    compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model"})
+    grad_checkpointing: bool = dataclasses.field(
+        default=False, metadata={"help": "recompute transformer blocks in backward to save memory"}
+    )
+    checkpoint_every: int = 500
+    keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "keep the last K checkpoints"})
+    keep_every: int = dataclasses.field(
+        default=0, metadata={"help": "also keep every M-th step's checkpoint"}
+    )
+    max_failures: int = dataclasses.field(
+        default=1, metadata={"help": "worker failures Ray Train recovers from"}
+    )
+    resume: str | None = dataclasses.field(
+        default=None, metadata={"help": "checkpoint directory (or run directory: its latest) to continue"}
+    )
+    log_every: int = 10
+    eval_every: int = dataclasses.field(
+        default=100, metadata={"help": "validation loss (+ DiT sample grid) cadence"}
+    )
+    tracking_uri: str | None = None
+    experiment: str | None = dataclasses.field(default=None, metadata={"help": "default: vitdit-<kind>"})
+    seed: int = 0
+    address: str | None = dataclasses.field(default=None, metadata={"help": "Ray cluster address"})
+    peak_tflops: float | None = dataclasses.field(
+        default=None, metadata={"help": "peak TFLOP/s for MFU (default: GPU table or measured CPU matmul)"}
+    )
+
+
+# Test-only knobs, not flags (run_training(..., _test_hooks={...})), so --help stays honest:
+# "inject_nan_at_step": k → the loss of step k is NaN on every rank;
+# "kill_after_step": k with "kill_after_step_marker": path → rank 0 SIGKILLs its own process after
+# step k's checkpoint, once (the marker file records that it happened).
+TEST_HOOKS = ("inject_nan_at_step", "kill_after_step", "kill_after_step_marker")
+
+
+class TrainTask:
+    """What differs between model kinds. Subclasses live in pipelines/train/{dit,vit,vae}.py.
+
+    The task object is pickled to every worker: keep it to plain attributes (paths, configs), build
+    models and open data in the methods.
+    """
+
+    kind: str = "base"
+
+    def datasets(self) -> dict[str, Any]:
+        """Driver side: {"train": ray.data.Dataset, optionally "val": ...}, rows ready for ``loss``."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """Worker side: the model, randomly initialised (the same seed on every rank)."""
+        raise NotImplementedError
+
+    def model_config(self) -> dict[str, Any]:
+        """JSON for config.json: model_name, model_config, class_names, dataset, vae, diffusion..."""
+        raise NotImplementedError
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of one micro batch (a mean over its samples) and extra scalars to log."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, ema_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+        """Rank 0: validation metrics such as {"val/loss": ...}."""
+        return {}
+
+    def visualize(self, ema_model: nn.Module, step: int) -> Any:
+        """Rank 0: a PIL image to log (DiT: a fixed-seed sample grid), or None."""
+        return None
+
+    def flops_per_sample(self, model: nn.Module) -> float:
+        """Training FLOPs per sample (≈ 6 × forward MACs)."""
+        fn = getattr(unwrap_model(model), "forward_macs", None)
+        return 6.0 * float(fn()) if fn else 0.0
+
+    def finalize(self, model: nn.Module, ema_model: nn.Module, output_dir: str) -> dict[str, Any]:
+        """Rank 0 after the last step; returns extra summary entries."""
+        return {}
+
+    def batch_columns(self) -> list[str] | None:
+        """Columns ``iter_torch_batches`` converts (None = all)."""
+        return None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run left behind."""
+
+    output: str
+    final_step: int
+    checkpoints: list[str]
+    last_checkpoint: str | None
+    run_id: str | None
+    tracking_uri: str | None
+    summary: dict[str, Any]
+
+
+# --- pure helpers (unit-tested without Ray) -------------------------------------------------------
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def batch_plan(global_batch_size: int, num_workers: int, micro_batch_size: int | None) -> tuple[int, int]:
+    """(micro batch per worker, accumulation steps) keeping the global batch fixed."""
+    if global_batch_size <= 0 or num_workers <= 0:
+        raise VitditError(
+            f"--global-batch-size {global_batch_size} and --num-workers {num_workers} must be > 0"
+        )
+    if global_batch_size % num_workers:
+        raise VitditError(
+            f"--global-batch-size {global_batch_size} is not divisible by --num-workers {num_workers}"
+        )
+    share = global_batch_size // num_workers
+    micro = micro_batch_size or share
+    if micro <= 0 or share % micro:
+        raise VitditError(
+            f"--micro-batch-size {micro} does not divide the per-worker share {share} "
+            f"(= global batch {global_batch_size} / {num_workers} workers)"
+        )
+    return micro, share // micro
+
+
+def has_cpu_bf16_matrix_units() -> bool:
+    """True on CPUs with AMX-BF16 (Sapphire Rapids and later): bf16 matmuls run ~5× fp32 there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "auto" → the fastest precision that trains correctly on ``device`` (tests/test_train_dit.py)."""
+    if precision not in PRECISIONS:
+        raise VitditError(f"--precision {precision!r}: expected one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if has_cpu_bf16_matrix_units() else "fp32"
+
+
+def enable_grad_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each of ``model.blocks`` in backward (state-dict keys unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = getattr(unwrap_model(model), "blocks", None)
+    if blocks is None:
+        raise VitditError(f"{type(model).__name__} has no .blocks to checkpoint")
+    for block in blocks:
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+    return model
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of (run seed, step, rank): makes each step's noise independent of history."""
+    return (seed * 1_000_003 + step * 9_176 + rank * 7_919_777) % (2**63 - 1)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 31_337) % (2**32)
+
+
+def make_config_json(
+    task_config: dict[str, Any], kind: str, step: int, mlflow: dict[str, Any]
+) -> dict[str, Any]:
+    """config.json: every CONFIG_KEYS entry (None where it does not apply) plus the task's."""
+    import vitdit
+
+    out: dict[str, Any] = {k: None for k in CONFIG_KEYS}
+    out.update(task_config)
+    out.update({"kind": kind, "step": step, "mlflow": mlflow, "vitdit_version": vitdit.__version__})
+    return out
+
+
+# --- the loop on each worker ----------------------------------------------------------------------
+
+
+class _EpochIterator:
+    """Micro batches of the train shard over epochs; resumes at (epoch, batches consumed)."""
+
+    def __init__(self, shard, micro: int, seed: int, epoch: int, skip: int, device, shuffle_buffer: int):
+        self.shard, self.micro, self.seed, self.device = shard, micro, seed, device
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = epoch
+        self.batches_in_epoch = 0
+        self._it = self._open()
+        for _ in range(skip):  # the part of this epoch consumed before the checkpoint
+            self.next()
+
+    def _open(self) -> Iterator:
+        self.batches_in_epoch = 0
+        return iter(
+            self.shard.iter_torch_batches(
+                batch_size=self.micro,
+                drop_last=True,
+                local_shuffle_buffer_size=self.shuffle_buffer,
+                local_shuffle_seed=epoch_seed(self.seed, self.epoch),
+                device=self.device,
+            )
+        )
+
+    def next(self) -> dict[str, torch.Tensor]:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            if self.batches_in_epoch == 0:
+                raise self._too_small() from None
+            self.epoch += 1  # a new epoch: a new order, seeded by (seed, epoch)
+            self._it = self._open()
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                raise self._too_small() from None
+        self.batches_in_epoch += 1
+        return batch
+
+    def _too_small(self) -> VitditError:
+        return VitditError(
+            f"the training data yields no batch of {self.micro} rows per worker: use a smaller "
+            "--global-batch-size or --micro-batch-size, or fewer workers"
+        )
+
+
+def _write_json(path: str, payload: dict) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    if is_uri(path):
+        import pyarrow.fs as pafs
+
+        fs, fs_path = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(fs_path) as f:
+            f.write(text.encode())
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _join(output: str, name: str) -> str:
+    return f"{output.rstrip('/')}/{name}" if is_uri(output) else os.path.join(output, name)
+
+
+def _checkpoints_of_this_fit(output: str, preexisting: list[str]) -> list[str]:
+    """Checkpoints in a local run directory that were not there when this fit started."""
+    if is_uri(output):
+        return []
+    return [p for _, p in list_checkpoints(output) if os.path.basename(p) not in set(preexisting)]
+
+
+def _last_step_in_log(path: str | None) -> int:
+    """The highest train-metrics step in train_log.jsonl, -1 when none."""
+    if not path or not os.path.exists(path):
+        return -1
+    last = -1
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by SIGKILL
+                continue
+            if "train/loss" in row:
+                last = max(last, int(row["step"]))
+    return last
+
+
+def _pointed_checkpoint(ray_ckpt) -> str:
+    """The checkpoint directory a reported Ray checkpoint points to (a local copy for URIs)."""
+    with ray_ckpt.as_directory() as d:
+        with open(os.path.join(d, POINTER_NAME)) as f:
+            target = json.load(f)["path"]
+    if is_uri(target):
+        local = os.path.join(tempfile.mkdtemp(prefix="vitdit-restore-"), os.path.basename(target.rstrip("/")))
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(target, local)
+        return local
+    return target
+
+
+def _upload_dir(local: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    pafs.copy_files(local, uri)
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.runtime import set_torch_threads
+
+    task: TrainTask = loop_config["task"]
+    cfg: TrainConfig = loop_config["cfg"]
+    hooks: dict[str, Any] = loop_config.get("hooks") or {}
+    output: str = loop_config["output"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        set_torch_threads(cfg.cpus_per_worker)
+    else:  # TF32 tensor cores for fp32 matmuls and convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    precision = resolve_precision(cfg.precision, device)
+    micro, accum = batch_plan(cfg.global_batch_size, world, cfg.micro_batch_size)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
+    raw = task.build_model().to(device)
+    if precision == "bf16" and device.type == "cpu":
+        # FACTS.md: bf16 SDPA backward is slow on CPU; matmul-softmax-matmul uses the AMX units.
+        from vitdit.models.layers import set_attn_impl
+
+        set_attn_impl(raw, "math")
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(raw)
+    ema = create_ema(raw) if rank == 0 else None
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # Resume: Ray's own restart within this fit first, else --resume.
+    start_step, epoch, skip = 0, 0, 0
+    state = None
+    ray_ckpt = ray.train.get_checkpoint()
+    # A worker killed right after ray.train.report may die before Ray's controller collects that
+    # report, so a restart can get an older checkpoint (or none) from Ray: the newest checkpoint
+    # this fit wrote in the run directory wins over it.
+    own = _checkpoints_of_this_fit(output, loop_config.get("preexisting_checkpoints", []))
+    restarted = ray_ckpt is not None or bool(own)
+    candidates = []
+    if ray_ckpt is not None:
+        candidates.append(_pointed_checkpoint(ray_ckpt))
+    candidates += own
+    if not candidates and loop_config.get("resume_dir"):
+        candidates.append(loop_config["resume_dir"])
+    if candidates:
+        state = load_checkpoint(max(candidates, key=lambda c: int(read_config(c).get("step") or 0)))
+    if state is not None:
+        raw.load_state_dict(state.model_state)
+        if ema is not None:
+            ema.load_state_dict(state.ema_state if state.ema_state is not None else state.model_state)
+        ts = state.train_state
+        optimizer.load_state_dict(ts["optimizer"])
+        start_step = int(ts["step"])
+        epoch, skip = int(ts.get("data_epoch", 0)), int(ts.get("data_batches_in_epoch", 0))
+        if ts.get("num_workers") not in (None, world) or ts.get("micro_batch_size") not in (None, micro):
+            skip = 0  # another batch layout: the partial epoch cannot be replayed; start the next one
+            epoch += 1
+        if "rng" in ts:
+            restore_rng_state(ts["rng"])
+        log.info("rank %d resumed at step %d (epoch %d, %d batches in)", rank, start_step, epoch, skip)
+
+    model = raw
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    params = [p for p in raw.parameters() if p.requires_grad]
+
+    flops_per_sample = task.flops_per_sample(raw)
+    peak = peak_flops(device, precision, cfg.peak_tflops) if rank == 0 else 0.0
+
+    logger = None
+    if rank == 0 and loop_config.get("run_id"):
+        from pipelines.train.mlflow_logger import AsyncRunLogger
+
+        logger = AsyncRunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+    last_logged = int(loop_config.get("last_logged_step", -1))
+    log_path = os.path.join(output, TRAIN_LOG_NAME) if rank == 0 and not is_uri(output) else None
+    if rank == 0 and restarted:
+        # A restart within this fit: steps after the checkpoint were logged before the failure and
+        # are about to be re-done; log each step once.
+        last_logged = max(last_logged, _last_step_in_log(log_path))
+        if logger is not None:
+            try:
+                history = logger.client.get_metric_history(loop_config["run_id"], "train/loss")
+                last_logged = max([last_logged, *(m.step for m in history)])
+            except Exception as e:
+                log.warning("cannot read the MLflow history (%s): steps may be logged twice", e)
+
+    shard = ray.train.get_dataset_shard("train")
+    data = _EpochIterator(shard, micro, cfg.seed, epoch, skip, device, shuffle_buffer=max(4 * micro, 64))
+    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    use_autocast = precision == "bf16"
+    mlflow_info = {"tracking_uri": loop_config.get("tracking_uri"), "run_id": loop_config.get("run_id")}
+
+    def save(step_done: int) -> None:
+        """Rank 0 writes checkpoint_<step>; every rank reports (rank 0 with the checkpoint)."""
+        from ray.train import Checkpoint
+
+        ckpt = None
+        if rank == 0:
+            config = make_config_json(task.model_config(), task.kind, step_done, mlflow_info)
+            train_state = {
+                "step": step_done,
+                "data_epoch": data.epoch,
+                "data_batches_in_epoch": data.batches_in_epoch,
+                "num_workers": world,
+                "micro_batch_size": micro,
+                "global_batch_size": cfg.global_batch_size,
+                "seed": cfg.seed,
+                "optimizer": optimizer.state_dict(),
+                "lr_schedule": {
+                    "schedule": cfg.lr_schedule,
+                    "base_lr": cfg.lr,
+                    "warmup_steps": cfg.warmup_steps,
+                    "total_steps": cfg.steps,
+                    "last_lr": optimizer.param_groups[0]["lr"],
+                },
+                "rng": capture_rng_state(),
+            }
+            name = checkpoint_name(step_done)
+            if is_uri(output):
+                local = save_checkpoint(
+                    os.path.join(tempfile.mkdtemp(prefix="vitdit-ckpt-"), name),
+                    config,
+                    raw.state_dict(),
+                    ema.state_dict(),
+                    train_state,
+                )
+                target = f"{output.rstrip('/')}/{name}"
+                _upload_dir(local, target)
+                shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+            else:
+                target = save_checkpoint(
+                    os.path.join(output, name), config, raw.state_dict(), ema.state_dict(), train_state
+                )
+                deleted = apply_retention(output, cfg.keep_checkpoints, cfg.keep_every)
+                if deleted:
+                    log.info("retention deleted %s", ", ".join(os.path.basename(d) for d in deleted))
+            if logger is not None:
+                logger.set_tag(f"checkpoint.{step_done:08d}", target)
+                logger.set_tag("checkpoint.latest", target)
+            # Ray only registers checkpoints under its own run directory (and would copy ours there):
+            # report a pointer to the checkpoint instead, the pattern Ray's error message suggests.
+            pointer_dir = tempfile.mkdtemp(prefix="vitdit-pointer-")
+            _write_json(os.path.join(pointer_dir, POINTER_NAME), {"path": target, "step": step_done})
+            ckpt = Checkpoint.from_directory(pointer_dir)
+        ray.train.report(
+            {"step": step_done},
+            checkpoint=ckpt,
+            checkpoint_dir_name=checkpoint_name(step_done),
+            delete_local_checkpoint_after_upload=True,
+        )
+
+    def stop_nonfinite(step_k: int, loss_value: float, grad_norm: float | None) -> None:
+        if rank == 0:
+            payload = {"step": step_k, "loss": str(loss_value), "grad_norm": str(grad_norm)}
+            _write_json(_join(output, NONFINITE_MARKER), payload)
+            if logger is not None:
+                logger.set_tag("stopped", f"non-finite loss at step {step_k}")
+                logger.close()
+        # Every rank reports the same number of times and returns normally: no retry.
+        ray.train.report({"nonfinite_step": step_k})
+
+    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    step = start_step
+    raw.train()
+    while step < cfg.steps:
+        step_k = step + 1  # the step this update makes (1-based, as checkpoints name it)
+        lr = lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(cfg.seed, step_k, rank))  # e.g. label dropout inside the model
+        generator = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step_k, rank) + 1)
+        loss_sum = torch.zeros((), device=device)
+        extras: dict[str, float] = {}
+        for m in range(accum):
+            t_wait = time.perf_counter()
+            batch = data.next()
+            window_wait += time.perf_counter() - t_wait
+            sync = contextlib.nullcontext() if (not ddp or m == accum - 1) else model.no_sync()
+            with sync:
+                with autocast(enabled=use_autocast):
+                    loss, extra = task.loss(model, batch, generator)
+                if hooks.get("inject_nan_at_step") == step_k:
+                    loss = loss * float("nan")
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+            for k, v in extra.items():
+                extras[k] = extras.get(k, 0.0) + float(v) / accum
+        step_loss = loss_sum / accum
+        # [loss, non-finite flag] summed over ranks: every rank takes the same stop decision.
+        agree = torch.stack([torch.nan_to_num(step_loss, nan=0.0, posinf=0.0, neginf=0.0),
+                             (~torch.isfinite(step_loss)).float()])  # fmt: skip
+        if world > 1:
+            torch.distributed.all_reduce(agree)
+        mean_loss, nonfinite = agree[0].item() / world, agree[1].item() > 0
+        if nonfinite:
+            stop_nonfinite(step_k, float("nan"), None)
+            return
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
+        if not torch.isfinite(grad_norm):  # gradients are all-reduced: the same on every rank
+            stop_nonfinite(step_k, mean_loss, float(grad_norm))
+            return
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            update_ema(ema, raw, cfg.ema_decay)
+        step = step_k
+        window_steps += 1
+
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            elapsed = time.perf_counter() - window_start
+            img_per_s = window_steps * cfg.global_batch_size / elapsed
+            metrics = {
+                "train/loss": mean_loss,
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm),
+                "train/img_per_s": img_per_s,
+                # img_per_s counts all workers; the peak is one device's, so divide by the world.
+                "train/mfu": flops_per_sample * img_per_s / world / peak if peak else 0.0,
+                "train/data_wait_frac": window_wait / elapsed,
+                "train/epoch": data.epoch,
+                **{f"train/{k}": v for k, v in extras.items()},
+            }
+            if step > last_logged:
+                if logger is not None:
+                    logger.log_metrics(metrics, step)
+                if log_path:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, **metrics}) + "\n")
+            log.info("step %d loss %.5f lr %.2e %.1f img/s", step, mean_loss, lr, img_per_s)
+            window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+
+        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            t_eval = time.perf_counter()
+            _evaluate(
+                task,
+                raw,
+                ema,
+                step,
+                micro,
+                autocast,
+                use_autocast,
+                logger,
+                last_logged,
+                log_path,
+                loop_config.get("has_val", False),
+            )
+            window_start += time.perf_counter() - t_eval  # validation is not training throughput
+
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save(step)
+
+        if hooks.get("kill_after_step") == step and rank == 0:
+            marker = hooks.get("kill_after_step_marker")
+            if marker and not os.path.exists(marker):
+                open(marker, "w").close()
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    if rank == 0:
+        summary = task.finalize(raw, ema, output) or {}
+        summary = {"final_step": step, **summary}
+        _write_json(_join(output, SUMMARY_NAME), summary)
+        if logger is not None:
+            logger.close()
+
+
+def _evaluate(
+    task, raw, ema, step, micro, autocast, use_autocast, logger, last_logged, log_path, has_val
+) -> None:
+    import ray.train
+
+    val_shard = ray.train.get_dataset_shard("val") if has_val else None
+    raw.eval()
+    try:
+        with torch.no_grad(), autocast(enabled=use_autocast):
+            batches = val_shard.iter_torch_batches(batch_size=micro) if val_shard is not None else []
+            metrics = task.validate(raw, ema, batches) if val_shard is not None else {}
+            image = task.visualize(ema, step)
+    finally:
+        raw.train()
+    if step <= last_logged:
+        return
+    if metrics:
+        log.info("step %d %s", step, " ".join(f"{k} {v:.5f}" for k, v in metrics.items()))
+        if logger is not None:
+            logger.log_metrics(metrics, step)
+        if log_path:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if image is not None and logger is not None:
+        logger.log_image(image, key="samples", step=step)
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.steps <= 0:
+        raise VitditError(f"--steps {cfg.steps}: must be > 0")
+    if cfg.num_workers <= 0:
+        raise VitditError(f"--num-workers {cfg.num_workers}: must be > 0")
+    batch_plan(cfg.global_batch_size, cfg.num_workers, cfg.micro_batch_size)
+    if cfg.lr_schedule not in SCHEDULES:
+        raise VitditError(f"--lr-schedule {cfg.lr_schedule!r}: expected one of {SCHEDULES}")
+    if cfg.precision not in PRECISIONS:
+        raise VitditError(f"--precision {cfg.precision!r}: expected one of {PRECISIONS}")
+    if cfg.keep_checkpoints < 1:
+        raise VitditError(
+            f"--keep-checkpoints {cfg.keep_checkpoints}: must be >= 1 (restarts need the latest)"
+        )
+    for name in ("checkpoint_every", "log_every", "eval_every"):
+        if getattr(cfg, name) <= 0:
+            raise VitditError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be > 0")
+    if not 0.0 <= cfg.ema_decay <= 1.0:
+        raise VitditError(f"--ema-decay {cfg.ema_decay}: must be in [0, 1]")
+
+
+def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] | None = None) -> TrainResult:
+    """Driver: check flags, open the MLflow run, ``TorchTrainer.fit``, print where things are."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.runtime import init_ray
+    from pipelines.train.mlflow_logger import RunHandle
+
+    _check_config(cfg)
+    output = cfg.output if is_uri(cfg.output) else os.path.abspath(cfg.output)
+    cfg = dataclasses.replace(cfg, output=output)
+    resume_dir = resolve_checkpoint_dir(cfg.resume) if cfg.resume else None
+    resume_config: dict[str, Any] = {}
+    if resume_dir:
+        resume_config = load_checkpoint(resume_dir).config
+        if resume_config.get("kind") != task.kind:
+            raise VitditError(
+                f"--resume {resume_dir}: a {resume_config.get('kind')} checkpoint, not {task.kind}"
+            )
+    if not is_uri(output):
+        existing = list_checkpoints(output)
+        if existing and not resume_dir:
+            raise VitditError(
+                f"--output {output} already holds checkpoints (latest {os.path.basename(existing[-1][1])}): "
+                f"pass --resume {output} to continue that run, or choose another --output"
+            )
+        os.makedirs(output, exist_ok=True)
+        marker = os.path.join(output, NONFINITE_MARKER)
+        if os.path.exists(marker):
+            os.remove(marker)
+
+    init_ray(cfg.address)
+    datasets = task.datasets()
+    columns = task.batch_columns()
+    if columns:
+        datasets = {k: ds.select_columns(columns) for k, ds in datasets.items()}
+    if "train" not in datasets:
+        raise VitditError(f"{type(task).__name__}.datasets() returned no 'train' data set")
+
+    # MLflow: the driver creates (or, on --resume, reopens) the run; rank 0 logs during fit.
+    handle = RunHandle(cfg.tracking_uri, cfg.experiment or f"vitdit-{task.kind}")
+    prev = resume_config.get("mlflow") or {}
+    reopen = prev.get("run_id") if prev.get("tracking_uri") == handle.tracking_uri else None
+    run_id = handle.start(run_name=os.path.basename(output.rstrip("/")), resume_run_id=reopen)
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume",)}
+    params.update({f"model.{k}": v for k, v in _flat(task.model_config()).items()})
+    handle.log_params(params)
+    last_logged = handle.last_logged_step() if reopen and run_id == reopen else -1
+    if resume_dir and not is_uri(output):
+        last_logged = max(last_logged, _last_step_in_log(os.path.join(output, TRAIN_LOG_NAME)))
+    if resume_dir:
+        handle.set_tag("resumed_from", resume_dir)
+    if run_id is None:
+        handle_uri = None
+    else:
+        handle_uri = handle.tracking_uri
+
+    execution = ray.train.DataConfig.default_ingest_options()
+    execution.preserve_order = True  # the data order is a function of (seed, epoch): exact resume
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "task": task,
+            "cfg": cfg,
+            "output": output,
+            "resume_dir": resume_dir,
+            "run_id": run_id,
+            "tracking_uri": handle_uri,
+            "last_logged_step": last_logged,
+            "hooks": _test_hooks or {},
+            "has_val": "val" in datasets,
+            "preexisting_checkpoints": [os.path.basename(p) for _, p in list_checkpoints(output)]
+            if not is_uri(output)
+            else [],
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{task.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            storage_path=f"{output.rstrip('/')}/_ray" if is_uri(output) else os.path.join(output, "_ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # Retention is ours (last K + every M-th); Ray's num_to_keep would delete the M-th ones.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        handle.end("FAILED")
+        raise
+
+    nonfinite = _read_json(output, NONFINITE_MARKER)
+    if nonfinite is None and result.metrics and "nonfinite_step" in result.metrics:
+        nonfinite = {"step": result.metrics["nonfinite_step"]}
+    if nonfinite is not None:
+        handle.end("FAILED")
+        last = list_checkpoints(output) if not is_uri(output) else []
+        raise NonFiniteLossError(
+            f"non-finite loss at step {nonfinite['step']}: training stopped on every worker; "
+            f"last good checkpoint: {last[-1][1] if last else 'none'}"
+        )
+    handle.end("FINISHED")
+
+    checkpoints = [p for _, p in list_checkpoints(output)] if not is_uri(output) else []
+    last_ckpt = checkpoints[-1] if checkpoints else None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            with open(os.path.join(d, POINTER_NAME)) as f:
+                last_ckpt = json.load(f)["path"]
+    summary = _read_json(output, SUMMARY_NAME) or {}
+    final_step = int(summary.get("final_step", cfg.steps))
+    res = TrainResult(output, final_step, checkpoints, last_ckpt, run_id, handle_uri, summary)
+    print(f"checkpoints: {output} (latest: {last_ckpt})")
+    print(f"mlflow run: {run_id} at {handle_uri}" if run_id else "mlflow run: none (tracking unreachable)")
+    return res
+
+
+def _read_json(output: str, name: str) -> dict | None:
+    path = _join(output, name)
+    if is_uri(output):
+        import pyarrow.fs as pafs
+
+        fs, fs_path = pafs.FileSystem.from_uri(path)
+        if fs.get_file_info(fs_path).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(fs_path) as f:
+            return json.loads(f.read().decode())
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
