@@ -143,12 +143,16 @@ class DiTTask(TrainTask):
         if self.args.val_latents:
             train, _ = read_latents(self.args.latents, columns=cols)
             val, _ = read_latents(self.args.val_latents, columns=[LABEL, MEAN, STD])
-            return {"train": train, "val": val}
+            return {"train": train.randomize_block_order(seed=0), "val": val}
         if self.args.val_fraction <= 0:
             train, _ = read_latents(self.args.latents, columns=cols)
-            return {"train": train}
+            return {"train": train.randomize_block_order(seed=0)}
         full, _ = read_latents(self.args.latents, columns=[ID, *cols])
-        train = full.map_batches(_SplitById(self.args.val_fraction, want_val=False))
+        # Parts are written in listing order, often class by class: a seeded block order plus the
+        # trainer's local shuffle buffer keeps batches class-mixed.
+        train = full.randomize_block_order(seed=0).map_batches(
+            _SplitById(self.args.val_fraction, want_val=False)
+        )
         val = full.map_batches(_SplitById(self.args.val_fraction, want_val=True)).select_columns(
             [LABEL, MEAN, STD]
         )

@@ -132,6 +132,13 @@ class TrainConfig:
     resume: str | None = dataclasses.field(
         default=None, metadata={"help": "checkpoint directory (or run directory: its latest) to continue"}
     )
+    shuffle_buffer: int = dataclasses.field(
+        default=4096,
+        metadata={
+            "help": "rows each worker holds for its seeded local shuffle; data sets are often written "
+            "in class order, so a buffer of a few batches gives one-class batches"
+        },
+    )
     log_every: int = 10
     eval_every: int = dataclasses.field(
         default=100, metadata={"help": "validation loss (+ DiT sample grid) cadence"}
@@ -507,7 +514,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                 log.warning("cannot read the MLflow history (%s): steps may be logged twice", e)
 
     shard = ray.train.get_dataset_shard("train")
-    data = _EpochIterator(shard, micro, cfg.seed, epoch, skip, device, shuffle_buffer=max(4 * micro, 64))
+    data = _EpochIterator(
+        shard, micro, cfg.seed, epoch, skip, device, shuffle_buffer=max(cfg.shuffle_buffer, 4 * micro)
+    )
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     use_autocast = precision == "bf16"
     mlflow_info = {"tracking_uri": loop_config.get("tracking_uri"), "run_id": loop_config.get("run_id")}

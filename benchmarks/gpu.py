@@ -1,0 +1,486 @@
+"""Training throughput and MFU on one GPU: vitdit's DiT and ViT against diffusers and transformers.
+
+Runbook (an H100/H200, from the repo root, nothing installed but torch + diffusers; ~5 minutes)::
+
+    PYTHONPATH=. python benchmarks/gpu.py            # writes $OUT/gpu_bench.json when $OUT is set
+    PYTHONPATH=. python benchmarks/gpu.py --smoke    # tiny CPU run (what tests/test_benchmarks.py does)
+
+Measures, each as a full training step (forward, loss, backward, AdamW step) on random data:
+
+- DiT-XL/2 at 256 px (32×32×4 latents): vitdit ``DiT`` vs diffusers ``DiTTransformer2DModel`` of the
+  same configuration, bf16 autocast, eager and ``torch.compile`` (compiled per block, "regional
+  compilation": every block shares one graph, so compiling costs one block, not 28);
+- ViT-B/16 at 224 px: vitdit ``ViT`` vs transformers ``ViTModel`` + a linear head (skipped when
+  transformers is not importable);
+- SD-VAE (the Stable Diffusion AutoencoderKL architecture, random weights) encoding images/s.
+
+MFU = images/s × 6 × forward MACs / peak, with the peak from a table (H100/H200 SXM: 989 TFLOP/s
+dense bf16) and also relative to a measured 8192³ bf16 matmul. Only torch, diffusers, safetensors
+and numpy are imported (no Ray, no MLflow): ``benchmarks/train_step.py`` reuses these helpers on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/gpu.py` from anywhere
+
+
+def table_peak(device: torch.device) -> tuple[str, float | None]:
+    """The device's name and its dense bf16 peak FLOP/s from vitdit.mfu's table (None: unknown, CPU)."""
+    from vitdit.mfu import gpu_peak_tflops
+
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    tflops = gpu_peak_tflops(name, "bf16")  # H100/H200 SXM: 989.4 dense bf16
+    return name, tflops * 1e12 if tflops else None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int, iters: int = 10) -> float:
+    """Achieved FLOP/s of an n×n×n matmul (2n³ FLOPs), after warm-up."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (weights stay fp32, as the trainer does) or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def time_step(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of ``step`` (median of ``iters`` timed calls after ``warmup`` calls)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def compile_blocks(blocks: nn.ModuleList) -> None:
+    """Regional compilation: each block compiled in place; identical blocks reuse one graph."""
+    for block in blocks:
+        block.compile()
+
+
+def apply_compile(model: nn.Module, blocks: nn.ModuleList, scope: str) -> None:
+    """``scope`` "blocks" (regional, compiles one block's graph) or "model" (whole forward, longer)."""
+    if scope == "blocks":
+        compile_blocks(blocks)
+    elif scope == "model":
+        model.compile()
+    else:
+        raise ValueError(f"unknown compile scope {scope!r}")
+
+
+def profile_step(step: Callable[[], None], device: torch.device, label: str, rows: int = 12) -> None:
+    """Print the ops that take the most device (or CPU) time over two steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"--- profile {label} ---", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+
+
+def train_step_fn(
+    model: nn.Module,
+    forward: Callable[[], torch.Tensor],
+    target: torch.Tensor | None,
+    device: torch.device,
+    precision: str,
+    labels: torch.Tensor | None = None,
+) -> Callable[[], None]:
+    """One AdamW training step: MSE to ``target`` (DiT) or cross-entropy to ``labels`` (ViT)."""
+    fused = device.type == "cuda"
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        if fused
+        else torch.optim.AdamW(model.parameters(), lr=1e-4)
+    )
+
+    def step() -> None:
+        with autocast(device, precision):
+            out = forward()
+        out = out.float()
+        loss = F.mse_loss(out, target) if labels is None else F.cross_entropy(out, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+# --- DiT --------------------------------------------------------------------------------------------
+def build_dit(side: str, name: str, device: torch.device) -> nn.Module:
+    """vitdit's DiT preset, or diffusers' DiTTransformer2DModel of the same configuration."""
+    from vitdit.models import create_model, get_preset
+
+    if side == "vitdit":
+        with torch.device(device):  # initialise in place: DiT-XL/2 is 675M parameters
+            return create_model(name)
+    from diffusers import DiTTransformer2DModel
+
+    c = get_preset(name)
+    with torch.device(device):
+        return DiTTransformer2DModel(
+            num_attention_heads=c.num_heads,
+            attention_head_dim=c.hidden_size // c.num_heads,
+            in_channels=c.in_channels,
+            out_channels=c.in_channels * (2 if c.learn_sigma else 1),
+            num_layers=c.depth,
+            sample_size=c.input_size,
+            patch_size=c.patch_size,
+            num_embeds_ada_norm=c.num_classes,
+            norm_eps=1e-6,  # DiT's value (FACTS.md)
+        )
+
+
+def forward_macs(name: str) -> int:
+    """Forward MACs per sample of a preset, counted on the meta device (no memory, no init)."""
+    from vitdit.models import create_model
+
+    with torch.device("meta"):
+        return create_model(name).forward_macs()
+
+
+def set_peer_attention(peer: nn.Module, attn: str) -> None:
+    """diffusers: "sdpa" is its default AttnProcessor2_0, "math" the matmul-softmax-matmul AttnProcessor."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    for m in peer.modules():
+        if isinstance(m, Attention):
+            m.set_processor(AttnProcessor() if attn == "math" else AttnProcessor2_0())
+
+
+def bench_dit(
+    name: str, batch: int, device: torch.device, settings: list[dict], warmup: int, iters: int
+) -> list[dict]:
+    """images/s of one training step for each setting {side, precision, compile, attn}."""
+    from vitdit.models import get_preset
+    from vitdit.models.layers import set_attn_impl
+
+    rows = []
+    c, macs = get_preset(name), forward_macs(name)
+    for side in ("vitdit", "diffusers"):
+        for s in (s for s in settings if s["side"] == side):
+            torch.manual_seed(0)
+            model = build_dit(side, name, device)
+            if side == "vitdit":
+                set_attn_impl(model, s["attn"])
+            else:
+                set_peer_attention(model, s["attn"])
+            model.train()
+            x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
+            t = torch.randint(0, 1000, (batch,), device=device)
+            y = torch.randint(0, c.num_classes, (batch,), device=device)
+            target = torch.randn(batch, c.in_channels * (2 if c.learn_sigma else 1), c.input_size, c.input_size,
+                                 device=device)  # fmt: skip
+            if s["compile"]:
+                blocks = model.blocks if side == "vitdit" else model.transformer_blocks
+                apply_compile(model, blocks, s.get("scope", "blocks"))
+            if side == "vitdit":
+                fwd = lambda m=model, x=x, t=t, y=y: m(x, t, y)
+            else:
+                fwd = lambda m=model, x=x, t=t, y=y: m(hidden_states=x, timestep=t, class_labels=y).sample
+            step = train_step_fn(model, fwd, target, device, s["precision"])
+            t0 = time.perf_counter()
+            sec = time_step(step, device, warmup, iters)
+            if s.get("profile"):
+                profile_step(step, device, f"{name} {side} {s}")
+            rows.append(
+                {
+                    "model": name, "side": side, "precision": s["precision"], "compile": s["compile"],
+                    "attn": s["attn"], "batch": batch, "sec_per_step": sec, "img_per_s": batch / sec,
+                    "train_flops_per_img": 6.0 * macs, "wall_s": time.perf_counter() - t0,
+                }
+            )  # fmt: skip
+            del model, step
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(json.dumps({"progress": rows[-1]}), flush=True)
+    return rows
+
+
+# --- ViT --------------------------------------------------------------------------------------------
+class HFViTClassifier(nn.Module):
+    """transformers' ViTModel (no pooler) + a linear head on [cls]: the same network as vitdit's ViT."""
+
+    def __init__(self, c, attn: str):
+        super().__init__()
+        from transformers import ViTConfig as HFViTConfig
+        from transformers import ViTModel
+
+        hf = HFViTConfig(
+            hidden_size=c.embed_dim,
+            num_hidden_layers=c.depth,
+            num_attention_heads=c.num_heads,
+            intermediate_size=c.mlp_hidden_dim,
+            image_size=c.image_size,
+            patch_size=c.patch_size,
+            num_channels=c.in_chans,
+            layer_norm_eps=c.layer_norm_eps,
+            qkv_bias=c.qkv_bias,
+        )
+        hf._attn_implementation = "eager" if attn == "math" else "sdpa"
+        self.vit = ViTModel(hf, add_pooling_layer=False)
+        self.head = nn.Linear(c.embed_dim, c.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit(pixel_values=x).last_hidden_state[:, 0])
+
+
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_vit(
+    name: str,
+    batch: int,
+    device: torch.device,
+    settings: list[dict],
+    warmup: int,
+    iters: int,
+    image_size: int | None,
+) -> list[dict]:
+    from vitdit.models import create_model
+    from vitdit.models.layers import set_attn_impl
+
+    rows = []
+    for s in settings:
+        if s["side"] == "transformers" and not transformers_available():
+            continue
+        torch.manual_seed(0)
+        overrides = {"image_size": image_size} if image_size else {}
+        ours = create_model(name, **overrides)
+        c, macs = ours.config, ours.forward_macs()
+        if s["side"] == "vitdit":
+            model = set_attn_impl(ours, s["attn"]).to(device)
+            blocks = model.blocks
+        else:
+            model = HFViTClassifier(c, s["attn"]).to(device)
+            vit = model.vit  # transformers 5 keeps the blocks in .layers, 4.x in .encoder.layer
+            blocks = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
+            del ours
+        model.train()
+        x = torch.randn(batch, c.in_chans, c.image_size, c.image_size, device=device)
+        labels = torch.randint(0, c.num_classes, (batch,), device=device)
+        if s["compile"]:
+            apply_compile(model, blocks, s.get("scope", "blocks"))
+        step = train_step_fn(model, lambda m=model, x=x: m(x), None, device, s["precision"], labels=labels)
+        t0 = time.perf_counter()
+        sec = time_step(step, device, warmup, iters)
+        rows.append(
+            {
+                "model": f"{name}@{c.image_size}", "side": s["side"], "precision": s["precision"],
+                "compile": s["compile"], "attn": s["attn"], "batch": batch, "sec_per_step": sec,
+                "img_per_s": batch / sec, "train_flops_per_img": 6.0 * macs, "wall_s": time.perf_counter() - t0,
+            }
+        )  # fmt: skip
+        del model, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps({"progress": rows[-1]}), flush=True)
+    return rows
+
+
+# --- SD-VAE encoding --------------------------------------------------------------------------------
+def bench_vae_encode(device: torch.device, batch: int, resolution: int, smoke: bool, iters: int) -> dict:
+    """images/s of ``AutoencoderKL.encode`` with Stable Diffusion's VAE architecture (random weights)."""
+    from diffusers import AutoencoderKL
+
+    blocks = (8, 16) if smoke else (128, 256, 512, 512)  # SD's VAE: 4 blocks, 8× down-sampling
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks,
+        layers_per_block=1 if smoke else 2,
+        latent_channels=4,
+        norm_num_groups=4 if smoke else 32,
+        sample_size=resolution,
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = vae.to(device=device, dtype=dtype).eval()
+    x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def step() -> None:
+        vae.encode(x).latent_dist.sample()
+
+    sec = time_step(step, device, warmup=2, iters=iters)
+    return {"model": "sd-vae-encode", "dtype": str(dtype).replace("torch.", ""), "batch": batch,
+            "resolution": resolution, "img_per_s": batch / sec}  # fmt: skip
+
+
+def add_mfu(rows: list[dict], peaks: dict[str, float | None]) -> None:
+    """MFU against the table peak and against the measured matmul at the row's precision."""
+    for r in rows:
+        achieved = r["img_per_s"] * r["train_flops_per_img"]
+        r["achieved_tflops"] = achieved / 1e12
+        table = peaks.get("table_bf16") if r["precision"] == "bf16" else None
+        r["mfu_table"] = achieved / table if table else None
+        measured = peaks.get(f"matmul_{r['precision']}")
+        r["frac_of_matmul"] = achieved / measured if measured else None
+
+
+def ratios(rows: list[dict], ours: str, peer: str) -> dict:
+    """(a) same settings, both eager; (b) each side's best setting."""
+    out = {}
+    by = {(r["side"], r["precision"], r["compile"], r["attn"]): r["img_per_s"] for r in rows}
+    same = [k for k in by if k[0] == ours and not k[2] and (peer, k[1], False, k[3]) in by]
+    for k in same:
+        out[f"same_{k[1]}_{k[3]}_eager"] = by[k] / by[(peer, k[1], False, k[3])]
+    best_ours = max((r for r in rows if r["side"] == ours), key=lambda r: r["img_per_s"], default=None)
+    best_peer = max((r for r in rows if r["side"] == peer), key=lambda r: r["img_per_s"], default=None)
+    if best_ours and best_peer:
+        out["best_vs_best"] = best_ours["img_per_s"] / best_peer["img_per_s"]
+        out["best_ours"] = {k: best_ours[k] for k in ("precision", "compile", "attn", "img_per_s")}
+        out["best_peer"] = {k: best_peer[k] for k in ("precision", "compile", "attn", "img_per_s")}
+    return out
+
+
+def settings_grid(
+    ours: str, peer: str, precisions: list[str], compile_: list[bool], attns: list[str]
+) -> list[dict]:
+    return [
+        {"side": side, "precision": p, "compile": c, "attn": a}
+        for side in (ours, peer)
+        for p in precisions
+        for c in compile_
+        for a in attns
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (seconds); for the tests")
+    ap.add_argument("--dit-batch", type=int, default=64)
+    ap.add_argument("--vit-batch", type=int, default=128)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument(
+        "--compile-scope",
+        default="blocks",
+        choices=["blocks", "model"],
+        help="blocks: regional compilation (one block's graph, quick); model: the whole forward",
+    )
+    ap.add_argument("--profile", action="store_true", help="print the top ops of each eager DiT step")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit,vae")
+    ap.add_argument(
+        "--json-out", default=None, help="JSON path (default: $OUT/gpu_bench.json when $OUT is set)"
+    )
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's fp32 setting on GPUs
+        torch.backends.cudnn.allow_tf32 = True
+    skip = set(filter(None, args.skip.split(",")))
+    if args.smoke:
+        dit_name, vit_name, vit_size = "DiT-test/2", "ViT-test/4", None
+        args.dit_batch, args.vit_batch, args.vae_batch = 2, 2, 2
+        args.warmup, args.iters = 1, 2
+        mm_n, vae_res = 256, 16
+    else:
+        dit_name, vit_name, vit_size = "DiT-XL/2", "ViT-B/16", 224
+        mm_n, vae_res = 8192, 256
+    compile_opts = [False] if args.no_compile or args.smoke else [False, True]
+
+    name, table = table_peak(device)
+    result: dict = {
+        "device": name,
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "compile_scope": args.compile_scope,
+        "batches": {"dit": args.dit_batch, "vit": args.vit_batch},
+    }
+    try:
+        import diffusers
+
+        result["diffusers"] = diffusers.__version__
+    except ImportError:
+        result["diffusers"] = None
+    peaks = {"table_bf16": table, "matmul_bf16": measure_matmul(device, torch.bfloat16, mm_n),
+             "matmul_fp32": measure_matmul(device, torch.float32, mm_n)}  # fmt: skip
+    result["peaks_flops"] = peaks
+    print(json.dumps({"progress": {"peaks": peaks, "device": name}}), flush=True)
+
+    if "dit" not in skip:
+        grid = settings_grid("vitdit", "diffusers", ["bf16"], compile_opts, ["sdpa"])
+        for g in grid:
+            g["scope"], g["profile"] = args.compile_scope, args.profile and not g["compile"]
+        dit_rows = bench_dit(dit_name, args.dit_batch, device, grid, args.warmup, args.iters)
+        add_mfu(dit_rows, peaks)
+        result["dit"] = {"rows": dit_rows, "ratios": ratios(dit_rows, "vitdit", "diffusers")}
+    if "vit" not in skip:
+        grid = settings_grid("vitdit", "transformers", ["bf16"], compile_opts, ["sdpa"])
+        for g in grid:
+            g["scope"] = args.compile_scope
+        vit_rows = bench_vit(vit_name, args.vit_batch, device, grid, args.warmup, args.iters, vit_size)
+        add_mfu(vit_rows, peaks)
+        result["vit"] = {"rows": vit_rows, "ratios": ratios(vit_rows, "vitdit", "transformers"),
+                         "transformers_available": transformers_available()}  # fmt: skip
+    if "vae" not in skip:
+        result["vae_encode"] = bench_vae_encode(device, args.vae_batch, vae_res, args.smoke, args.iters)
+
+    out = args.json_out or (
+        os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None
+    )
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

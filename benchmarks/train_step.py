@@ -1,0 +1,153 @@
+"""Training-step throughput on this machine's CPU: vitdit's DiT and ViT against diffusers and transformers.
+
+Runbook (from the repo root; ~5-10 minutes on 2 cores, longer when the machine is shared)::
+
+    .venv/bin/python benchmarks/train_step.py                  # DiT-S/2 b8 32×32×4, ViT-S/16 b8 224 px
+    .venv/bin/python benchmarks/train_step.py --smoke          # tiny presets, seconds (the tests)
+    .venv/bin/python benchmarks/train_step.py --vit-size 112   # a quicker ViT row
+
+One full training step (forward, loss, backward, AdamW) on random data per setting, both sides at
+the same configuration and batch; the peers are diffusers' ``DiTTransformer2DModel`` and
+transformers' ``ViTModel`` + a linear head (``benchmarks/gpu.py`` builds them). Settings: precision
+(fp32, bf16 autocast), attention path (fused SDPA or matmul-softmax-matmul: diffusers'
+``AttnProcessor`` and transformers' "eager" are the peers' math paths), and ``torch.compile``
+(per block) for the bf16 rows. Reported ratios:
+
+(a) ``same_<precision>_<attn>_eager``: identical settings, both eager (target >= 1.0);
+(b) ``best_vs_best``: each side at its fastest setting (target >= 1.3).
+
+Achieved FLOP/s (6 × forward MACs per image) is shown as a share of a 4096³ matmul measured in the
+same run at the row's precision. The last line of stdout is the whole result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu import (  # noqa: E402
+    add_mfu,
+    bench_dit,
+    bench_vit,
+    measure_matmul,
+    ratios,
+    transformers_available,
+)
+
+
+def cpu_settings(ours: str, peer: str, smoke: bool, compile_: bool) -> list[dict]:
+    """fp32/bf16 × sdpa/math eager for both sides, plus compiled bf16-math (the CPU's fast path)."""
+    combos = [("fp32", "sdpa"), ("bf16", "math")] if smoke else [
+        ("fp32", "sdpa"), ("fp32", "math"), ("bf16", "sdpa"), ("bf16", "math")
+    ]  # fmt: skip
+    out = [{"side": s, "precision": p, "compile": False, "attn": a} for s in (ours, peer) for p, a in combos]
+    if compile_:
+        out += [{"side": s, "precision": "bf16", "compile": True, "attn": "math"} for s in (ours, peer)]
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = [f"{'model':<16}{'side':<13}{'prec':<6}{'attn':<6}{'comp':<6}{'img/s':>9}{'% matmul':>10}"]
+    for r in rows:
+        frac = f"{100 * r['frac_of_matmul']:.1f}" if r.get("frac_of_matmul") else "-"
+        lines.append(
+            f"{r['model']:<16}{r['side']:<13}{r['precision']:<6}{r['attn']:<6}{str(r['compile']):<6}"
+            f"{r['img_per_s']:>9.2f}{frac:>10}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny presets, 1 warm-up + 2 timed steps (tests)")
+    ap.add_argument("--dit-model", default="DiT-S/2")
+    ap.add_argument("--dit-batch", type=int, default=8)
+    ap.add_argument("--vit-model", default="ViT-S/16")
+    ap.add_argument("--vit-batch", type=int, default=8)
+    ap.add_argument("--vit-size", type=int, default=224)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="include torch.compile rows (bf16, math attention)")  # fmt: skip
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    device = torch.device("cpu")
+    if args.smoke:
+        args.dit_model, args.vit_model, args.vit_size = "DiT-test/2", "ViT-test/4", None
+        args.dit_batch, args.vit_batch, args.warmup, args.iters, args.compile = 2, 2, 1, 2, False
+        mm_n = 256
+    else:
+        mm_n = 4096
+    skip = set(filter(None, args.skip.split(",")))
+    result: dict = {
+        "device": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "note": "shared machine: other processes may run at the same time; numbers are noisy",
+    }
+    peaks = {
+        "matmul_fp32": measure_matmul(device, torch.float32, mm_n),
+        "matmul_bf16": measure_matmul(device, torch.bfloat16, mm_n),
+    }
+    result["peaks_flops"] = peaks
+    print(json.dumps({"progress": {"peaks": peaks}}), flush=True)
+    rows_all = []
+    if "dit" not in skip:
+        rows = bench_dit(
+            args.dit_model,
+            args.dit_batch,
+            device,
+            cpu_settings("vitdit", "diffusers", args.smoke, args.compile),
+            args.warmup,
+            args.iters,
+        )
+        add_mfu(rows, peaks)
+        rows_all += rows
+        result["dit"] = {"rows": rows, "ratios": ratios(rows, "vitdit", "diffusers")}
+    if "vit" not in skip and transformers_available():
+        rows = bench_vit(
+            args.vit_model,
+            args.vit_batch,
+            device,
+            cpu_settings("vitdit", "transformers", args.smoke, args.compile),
+            args.warmup,
+            args.iters,
+            args.vit_size,
+        )
+        add_mfu(rows, peaks)
+        rows_all += rows
+        result["vit"] = {"rows": rows, "ratios": ratios(rows, "vitdit", "transformers")}
+    print(summary_table(rows_all), file=sys.stderr)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Smoke modes of the benchmark scripts: they run end to end on tiny presets and print their JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_gpu_benchmark_smoke_runs_without_installing_vitdit(tmp_path):
+    """benchmarks/gpu.py as the lead runs it on a GPU machine: PYTHONPATH=. from the repo root."""
+    env = {**os.environ, "PYTHONPATH": ".", "OUT": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--smoke"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = _last_json(out.stdout)
+    assert result["smoke"] is True and result["device"] == "cpu"
+    assert json.load(open(tmp_path / "gpu_bench.json")) == result
+    for part, peer in (("dit", "diffusers"), ("vit", "transformers")):
+        sides = {r["side"] for r in result[part]["rows"]}
+        assert sides == {"vitdit", peer}
+        assert all(r["img_per_s"] > 0 and r["train_flops_per_img"] > 0 for r in result[part]["rows"])
+        assert result[part]["ratios"]["best_vs_best"] > 0
+    assert result["vae_encode"]["img_per_s"] > 0
+    assert result["peaks_flops"]["matmul_fp32"] > 0
+
+
+def test_train_step_benchmark_smoke():
+    import contextlib
+    import io
+
+    from benchmarks.train_step import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["--smoke"]) == 0
+    result = _last_json(buf.getvalue())
+    dit = result["dit"]
+    settings = {(r["side"], r["precision"], r["attn"]) for r in dit["rows"]}
+    assert settings == {
+        (s, p, a) for s in ("vitdit", "diffusers") for p, a in (("fp32", "sdpa"), ("bf16", "math"))
+    }
+    # (a) identical settings both eager, and (b) best against best, for both model families.
+    assert {"same_fp32_sdpa_eager", "same_bf16_math_eager", "best_vs_best"} <= set(dit["ratios"])
+    assert {"same_fp32_sdpa_eager", "best_vs_best"} <= set(result["vit"]["ratios"])
+    assert all(0 < r["frac_of_matmul"] for r in dit["rows"])
