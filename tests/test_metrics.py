@@ -107,6 +107,7 @@ def random_inception_file(tmp_path_factory):
     torch-fidelity's constructor always loads a file; a subclass that ignores the loaded dict gives
     PyTorch's default initialisation, whose state dict the test saves like a real weights file.
     """
+    pytest.importorskip("torch_fidelity", reason="FID needs the optional extra: pip install -e '.[fid]'")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _Untrained(FeatureExtractorInceptionV3):
@@ -122,6 +123,7 @@ def random_inception_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # ~140 s on 2 cores: building and running a full-size InceptionV3
 def test_fid_plumbing_with_random_inception(random_inception_file, tmp_path):
     from vitdit import fid
 

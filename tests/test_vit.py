@@ -129,6 +129,7 @@ def test_logits_match_transformers_classifier_and_tanh_head_is_refused():
 
 
 def test_random_timm_vit_loads_strict_and_gives_the_same_logits():
+    pytest.importorskip("timm", reason="timm is an optional peer (pip install -e '.[peers]')")
     from timm.models.vision_transformer import VisionTransformer
 
     c = ODD
@@ -161,6 +162,7 @@ def test_timm_to_vitdit_unwraps_and_refuses_unsupported_variants():
 
 
 def test_resize_pos_embed_keeps_cls_and_matches_timm():
+    pytest.importorskip("timm", reason="timm is an optional peer (pip install -e '.[peers]')")
     from timm.layers import resample_abs_pos_embed
 
     pe = torch.randn(1, 1 + 4 * 4, 8)
