@@ -48,7 +48,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if required:
             kwargs.pop("default")
             kwargs["required"] = True
-        kwargs["help"] = (kwargs["help"] + f" (default: {default})").strip() if not required else kwargs["help"]
+        kwargs["help"] = (
+            (kwargs["help"] + f" (default: {default})").strip() if not required else kwargs["help"]
+        )
         parser.add_argument(_flag(f.name), **kwargs)
 
 

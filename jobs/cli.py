@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             return int(mod.main(argv[len(parts) :], prog=f"vitdit {words}") or 0)
     groups = {w.split()[0] for w, _, _ in COMMANDS if len(w.split()) > 1}
     if argv[0] in groups:
-        print(_group_usage(argv[0]), file=sys.stdout if len(argv) > 1 and argv[1] in ("-h", "--help") else sys.stderr)
+        print(
+            _group_usage(argv[0]),
+            file=sys.stdout if len(argv) > 1 and argv[1] in ("-h", "--help") else sys.stderr,
+        )
         return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
     print(f"vitdit: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
     return 2

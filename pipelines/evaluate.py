@@ -232,6 +232,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         "seconds": time.time() - t0,
     }
     report_path = cfg.report or os.path.join(cfg.samples, "evaluation.json")
+    os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2, sort_keys=True)
     report["report_path"] = report_path

@@ -20,6 +20,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's default of 10 s for the raylet to come up times out on a busy 2-core machine.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)

@@ -199,3 +199,24 @@ def test_grad_checkpointing_gives_the_same_gradients():
         compared += 1
     assert compared > 10
     assert set(a.state_dict()) == set(b.state_dict())  # keys unchanged
+
+
+def test_rerun_into_a_run_dir_continues_its_latest_checkpoint(tmp_path):
+    """Re-running the same training command resumes from the run directory's latest checkpoint.
+
+    The checkpoint here is a DiT one and the task a ViT one, so the driver stops at the kind check,
+    before Ray starts: the error shows that it picked up checkpoint_00000007 by itself.
+    """
+    from pipelines.train.loop import TrainConfig, TrainTask, run_training
+
+    model = create_model("DiT-test/2")
+    for step in (3, 7):
+        save_checkpoint(
+            tmp_path / checkpoint_name(step), _dit_config(model), model.state_dict(), model.state_dict(), {}
+        )
+
+    class _ViTLike(TrainTask):
+        kind = "vit"
+
+    with pytest.raises(VitditError, match=r"checkpoint_00000007: a dit checkpoint, not vit"):
+        run_training(_ViTLike(), TrainConfig(output=str(tmp_path), steps=10))

@@ -99,8 +99,6 @@ def test_resume_continues_the_run_and_its_mlflow_run(reference, tmp_path):
             _cfg(out, tracking_uri=uri, max_failures=0),
             _test_hooks={"kill_after_step": 6, "kill_after_step_marker": str(tmp_path / "killed")},
         )
-    with pytest.raises(Exception, match="already holds checkpoints"):
-        run_training(TinyTask(), _cfg(out, tracking_uri=uri))
     res = run_training(TinyTask(), _cfg(out, tracking_uri=uri, resume=str(out)))
     assert res.final_step == STEPS
     client = MlflowClient(uri)

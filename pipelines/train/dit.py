@@ -105,6 +105,7 @@ class DiTTask(TrainTask):
             raise VitditError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
         self.args = args
         self.manifest = read_manifest(args.latents)
+        self.num_train_rows: int | None = self.manifest.num_rows
         self.val_manifest = read_manifest(args.val_latents) if args.val_latents else None
         if self.val_manifest is not None:
             self.val_manifest.check_compatible(

@@ -139,6 +139,14 @@ class TrainConfig:
             "in class order, so a buffer of a few batches gives one-class batches"
         },
     )
+    cache_rows: int = dataclasses.field(
+        default=20_000,
+        metadata={
+            "help": "keep a worker's training rows in its memory (one pass, then a seeded permutation "
+            "per epoch) when its share is at most this many rows; larger data sets stream from Ray "
+            "Data every epoch"
+        },
+    )
     log_every: int = 10
     eval_every: int = dataclasses.field(
         default=100, metadata={"help": "validation loss (+ DiT sample grid) cadence"}
@@ -292,6 +300,11 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 9_176 + rank * 7_919_777) % (2**63 - 1)
 
 
+def _fits_cache(num_rows: int | None, cfg: TrainConfig) -> bool:
+    """Whether each worker's share of the training rows is small enough to keep in memory."""
+    return num_rows is not None and num_rows / max(cfg.num_workers, 1) <= cfg.cache_rows
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 31_337) % (2**32)
 
@@ -314,17 +327,41 @@ def make_config_json(
 class _EpochIterator:
     """Micro batches of the train shard over epochs; resumes at (epoch, batches consumed)."""
 
-    def __init__(self, shard, micro: int, seed: int, epoch: int, skip: int, device, shuffle_buffer: int):
+    def __init__(
+        self, shard, micro: int, seed: int, epoch: int, skip: int, device, shuffle_buffer: int, cache: bool
+    ):
         self.shard, self.micro, self.seed, self.device = shard, micro, seed, device
         self.shuffle_buffer = shuffle_buffer
         self.epoch = epoch
         self.batches_in_epoch = 0
+        # Small data sets: one pass into memory, then a permutation seeded by (seed, epoch) every
+        # epoch. Streaming a few batches per epoch spends most of the step waiting on Ray Data to
+        # start each epoch's execution (measured: data_wait_frac 0.85 on the digits' latents).
+        # The cache is filled without a shuffle, in Ray Data's preserved block order, so the order
+        # of every epoch is a pure function of (seed, epoch) and a resume is exact.
+        self.cache = self._fill_cache() if cache else None
         self._it = self._open()
         for _ in range(skip):  # the part of this epoch consumed before the checkpoint
             self.next()
 
+    def _fill_cache(self) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for batch in self.shard.iter_torch_batches(batch_size=max(self.micro, 256)):
+            for k, v in batch.items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def _cached_epoch(self) -> Iterator:
+        n = len(next(iter(self.cache.values()))) if self.cache else 0
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+        for start in range(0, n - self.micro + 1, self.micro):  # drop_last, as when streaming
+            idx = order[start : start + self.micro]
+            yield {k: v[idx].to(self.device) for k, v in self.cache.items()}
+
     def _open(self) -> Iterator:
         self.batches_in_epoch = 0
+        if self.cache is not None:
+            return self._cached_epoch()
         return iter(
             self.shard.iter_torch_batches(
                 batch_size=self.micro,
@@ -515,7 +552,14 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     data = _EpochIterator(
-        shard, micro, cfg.seed, epoch, skip, device, shuffle_buffer=max(cfg.shuffle_buffer, 4 * micro)
+        shard,
+        micro,
+        cfg.seed,
+        epoch,
+        skip,
+        device,
+        shuffle_buffer=max(cfg.shuffle_buffer, 4 * micro),
+        cache=bool(loop_config.get("cache_data")),
     )
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     use_autocast = precision == "bf16"
@@ -761,20 +805,20 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
     output = cfg.output if is_uri(cfg.output) else os.path.abspath(cfg.output)
     cfg = dataclasses.replace(cfg, output=output)
     resume_dir = resolve_checkpoint_dir(cfg.resume) if cfg.resume else None
+    if not resume_dir and not is_uri(output) and list_checkpoints(output):
+        # Re-running the same command after a crash or a kill finishes the job (DESIGN.md, Errors):
+        # a run directory that already holds checkpoints is continued from its latest one.
+        resume_dir = resolve_checkpoint_dir(output)
+        log.info("--output %s holds checkpoints: continuing from %s", output, resume_dir)
     resume_config: dict[str, Any] = {}
     if resume_dir:
         resume_config = load_checkpoint(resume_dir).config
         if resume_config.get("kind") != task.kind:
             raise VitditError(
-                f"--resume {resume_dir}: a {resume_config.get('kind')} checkpoint, not {task.kind}"
+                f"resuming from {resume_dir}: a {resume_config.get('kind')} checkpoint, not {task.kind} "
+                "(choose another --output)"
             )
     if not is_uri(output):
-        existing = list_checkpoints(output)
-        if existing and not resume_dir:
-            raise VitditError(
-                f"--output {output} already holds checkpoints (latest {os.path.basename(existing[-1][1])}): "
-                f"pass --resume {output} to continue that run, or choose another --output"
-            )
         os.makedirs(output, exist_ok=True)
         marker = os.path.join(output, NONFINITE_MARKER)
         if os.path.exists(marker):
@@ -820,6 +864,9 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
             "last_logged_step": last_logged,
             "hooks": _test_hooks or {},
             "has_val": "val" in datasets,
+            # Every rank decides the same way (ranks that stream and ranks that do not would
+            # desynchronise Ray Data's per-epoch split).
+            "cache_data": _fits_cache(getattr(task, "num_train_rows", None), cfg),
             "preexisting_checkpoints": [os.path.basename(p) for _, p in list_checkpoints(output)]
             if not is_uri(output)
             else [],

@@ -177,6 +177,7 @@ class VAETask(TrainTask):
         )
         self.class_names = splits.class_names
         self.source = {"uri": splits.train_uri, "fingerprint": splits.fingerprint, "val_uri": splits.val_uri}
+        self.num_train_rows = splits.num_train_rows
         return splits.datasets
 
     def model_config(self) -> dict:

@@ -1,0 +1,148 @@
+"""`vitdit quickstart`: the built-in recipe, the memorisation check, and the whole smoke run.
+
+The smoke run (`--smoke-test`) runs every stage for real (Ray Train fits, Ray Data encode and
+sampling, MLflow in a SQLite store) at tiny sizes, then runs again to show finished stages are
+skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from jobs import quickstart
+from pipelines.recipe import STAGES, parse_recipe
+from vitdit.errors import VitditError
+from vitdit.memorization import memorization_report, nearest_distances, to_vectors
+
+# --- the memorisation check (no Ray) ---------------------------------------------------------------
+
+
+def _digits(n: int, seed: int, res: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, res, res, 3), dtype=np.uint8)
+
+
+def test_nearest_distances_match_brute_force():
+    rng = np.random.default_rng(0)
+    q, r = rng.normal(size=(7, 5)), rng.normal(size=(11, 5))
+    d, idx = nearest_distances(q, r, chunk=3)  # chunking must not change the answer
+    full = np.linalg.norm(q[:, None, :] - r[None, :, :], axis=-1)
+    np.testing.assert_allclose(d, full.min(1), rtol=1e-10)
+    np.testing.assert_array_equal(idx, full.argmin(1))
+
+
+def test_copies_are_flagged_and_new_images_are_not():
+    train, val = _digits(50, 0), _digits(100, 1)
+    copies = train[[3, 10, 42]]
+    rep = memorization_report(copies, train, val, size=8, sample_labels=np.array([1, 2, 3]))
+    assert rep["samples"]["median"] == 0.0
+    assert rep["copy_fraction"] == 1.0 and rep["ratio_median"] == 0.0
+    assert sorted(c["train_index"] for c in rep["closest_samples"]) == [3, 10, 42]
+    assert rep["closest_samples"][0]["label"] in (1, 2, 3)
+    fresh = _digits(100, 2)  # drawn like the val images: as far from train as val is
+    rep = memorization_report(fresh, train, val, size=8)
+    assert 0.9 < rep["ratio_median"] < 1.1 and rep["copy_fraction"] < 0.05
+
+
+def test_memorization_inputs_are_checked():
+    assert to_vectors(_digits(4, 0), size=8).shape == (4, 64)  # 16 px area-averaged to 8 px
+    assert to_vectors(_digits(4, 0)[..., 0]).max() <= 1.0
+    with pytest.raises(VitditError, match="samples"):
+        memorization_report(np.zeros((0, 8, 8, 3), np.uint8), _digits(3, 0), _digits(3, 1))
+    with pytest.raises(VitditError, match="differ in size"):
+        memorization_report(_digits(2, 0, 8), _digits(3, 0, 16), _digits(3, 1, 16), size=None)
+
+
+# --- the built-in recipe (no Ray) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_builtin_recipe_is_a_valid_pipeline_recipe(tmp_path, smoke):
+    raw = quickstart.build_recipe(str(tmp_path), f"sqlite:///{tmp_path}/mlflow.db", smoke_test=smoke)
+    recipe = parse_recipe(raw, source="quickstart")
+    assert list(recipe.stages) == [s.name for s in STAGES]  # every stage, in order
+    assert recipe.stages["vit"]["num_workers"] == 2 and recipe.stages["dit"]["num_workers"] == 2
+    if not smoke:
+        assert recipe.stages["dit"]["model"] == "DiT-digits/2"
+        assert recipe.stages["sample"]["num_samples"] >= 10 * 20  # 20 per class
+        assert 0.99 <= recipe.stages["dit"]["ema_decay"] < 0.9999  # a short run needs a short EMA
+    # The smoke test must not mutate the full recipe.
+    assert quickstart.RECIPE["stages"]["dit"]["steps"] >= 2000
+
+
+def test_print_recipe_round_trips_to_vitdit_pipeline(tmp_path, capsys):
+    assert quickstart.main(["--print-recipe"]) == 0
+    raw = yaml.safe_load(capsys.readouterr().out)
+    recipe = parse_recipe(raw, source="printed", base_dir=str(tmp_path))
+    assert recipe.workdir == str(tmp_path / "runs" / "quickstart")
+    assert recipe.stages["dit"]["steps"] == quickstart.RECIPE["stages"]["dit"]["steps"]
+
+
+# --- the smoke run (Ray, MLflow, every stage) -----------------------------------------------------
+
+
+def _runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} missing from {uri}"
+    return client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.ray
+def test_quickstart_smoke_run_then_rerun_skips(ray_session, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    work = tmp_path / "qs"
+    assert quickstart.main(["--smoke-test", "--workdir", str(work)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((work / "summary.json").read_text())
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    assert summary["tracking_uri"] == uri and os.path.isabs(summary["artifacts"]["mlflow_db"])
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the job restored the caller's environment
+    assert [s["status"] for s in summary["stages"]] == ["done"] * len(STAGES)
+
+    a = summary["artifacts"]
+    for key in ("latents_manifest", "samples_npz", "grid", "eval_report", "memorization_report", "summary"):
+        assert os.path.isfile(a[key]), key
+    assert os.path.isfile(os.path.join(a["vae"], "config.json"))
+    for key in ("vit_checkpoint", "dit_checkpoint"):
+        assert os.path.isfile(os.path.join(a[key], "model.safetensors")), key
+    assert a["samples"] == str(work / "samples")
+    pngs = sorted(os.listdir(a["sample_images"]))
+    assert len(pngs) == 20 and pngs[0] == "000000_0.png"
+    with np.load(a["samples_npz"]) as npz:
+        assert npz["arr_0"].shape == (20, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+        assert list(npz["arr_1"][:10]) == list(range(10))
+
+    m = summary["metrics"]
+    for key in ("vit_val_accuracy", "dit_sample_accuracy", "fd", "kid", "precision", "recall", "floor_fd"):
+        assert isinstance(m[key], float) and np.isfinite(m[key]), (key, m[key])
+    assert 0.0 <= m["dit_sample_accuracy"] <= 1.0 and len(m["dit_sample_accuracy_per_class"]) == 10
+    assert m["nn_distance_samples_median"] > 0 and m["nn_distance_val_median"] > 0
+    assert summary["targets"] == {}  # no accuracy targets in a smoke run
+
+    assert a["grid"] in out and f"mlflow ui --backend-store-uri {uri}" in out
+    # One store holds every stage's run, with artifacts under the workdir.
+    for exp in ("vitdit-vae", "vitdit-vit", "vitdit-dit", "vitdit-sample", "vitdit-eval"):
+        assert _runs(uri, exp), exp
+    (eval_run,) = _runs(uri, "vitdit-eval")
+    assert "eval/accuracy" in eval_run.data.metrics
+    (qs_run,) = _runs(uri, quickstart.MLFLOW_EXPERIMENT)
+    assert qs_run.info.run_id == summary["mlflow_run_id"]
+    assert qs_run.data.metrics["quickstart/dit_sample_accuracy"] == pytest.approx(m["dit_sample_accuracy"])
+    assert qs_run.info.artifact_uri.removeprefix("file://").startswith(str(work))
+    assert not os.path.exists("mlruns") or os.path.getmtime("mlruns") < os.path.getmtime(work / "data")
+
+    # A second run reuses every finished stage.
+    assert quickstart.main(["--smoke-test", "--workdir", str(work)]) == 0
+    again = json.loads((work / "summary.json").read_text())
+    assert [s["status"] for s in again["stages"]] == ["skipped"] * len(STAGES)
+    assert again["seconds"] < summary["seconds"] / 2
+    assert again["metrics"]["dit_sample_accuracy"] == m["dit_sample_accuracy"]
+    assert len(_runs(uri, "vitdit-dit")) == 1  # nothing retrained
