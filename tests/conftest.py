@@ -130,4 +130,5 @@ def clean_dir(tmp_path):
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
+
 from _cluster_utils import ray_head  # noqa: E402,F401  (session fixture: a Ray head with a job server)

@@ -30,7 +30,9 @@ def digits_arrays(resolution: int = 16) -> tuple[np.ndarray, np.ndarray]:
     return out, d.target.astype(np.int64)
 
 
-def split_indices(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A stratified, seeded train/val split of indices (the same on every machine)."""
     rng = np.random.default_rng(seed)
     train, val = [], []
