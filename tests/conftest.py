@@ -7,8 +7,10 @@ Data stream hang on 2).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,11 +79,15 @@ def mlflow_server(tmp_path_factory):
         proc.kill()
         raise RuntimeError("mlflow server did not become healthy in 240 s")
     yield uri
-    proc.terminate()
+    # `mlflow server` starts uvicorn and huey consumers: stop the whole process group, not just
+    # the parent, or they outlive the test session.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     log.close()
 
 

@@ -14,7 +14,6 @@ import importlib.util
 import io
 import json
 import os
-import sys
 
 import pytest
 import yaml
@@ -240,61 +239,6 @@ def test_pipeline_cli_runs_the_data_stage_and_skips_it_next_time(tmp_path):
 
 
 # --- the integration test of issue 6 -----------------------------------------------------------------
-
-MISSING = [m for m in STAGE_MODULES if importlib.util.find_spec(f"jobs.{m}") is None]
-
-
-@pytest.mark.ray
-@pytest.mark.skipif(
-    bool(MISSING), reason=f"stage jobs not written yet: {', '.join('jobs.' + m for m in MISSING)}"
-)
-def test_recipe_through_ray_job_api_logs_to_mlflow(tmp_path, ray_head, mlflow_server, monkeypatch):  # noqa: F811
-    """Ray head on loopback + real `mlflow server`: a tiny recipe submitted as a Ray job, results in MLflow."""
-    import mlflow
-
-    from pipelines.submit import submit
-
-    work = tmp_path / "work"
-    recipe = {
-        "name": "it",
-        "workdir": str(work),
-        "resolution": 16,
-        "stages": {
-            "data": {},
-            "vae": {"steps": 3, "global_batch_size": 32, "block_out_channels": [8, 16], "norm_num_groups": 4},
-            "encode": {"batch_size": 128},
-            "vit": {"model": "ViT-test/4", "steps": 3, "global_batch_size": 32, "warmup_steps": 0},
-            "dit": {"model": "DiT-test/2", "steps": 3, "global_batch_size": 32, "warmup_steps": 0,
-                    "eval_every": 3, "checkpoint_every": 3, "grid_samples": 10, "grid_steps": 2},
-            "sample": {"num_samples": 20, "sampling_steps": 4, "batch_size": 10, "num_actors": 1},
-            "evaluate": {},
-        },
-    }  # fmt: skip
-    path = tmp_path / "it.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    log = io.StringIO()
-    outcome = submit(
-        ray_head.address, "pipeline", [str(path)], working_dir=ROOT, python=sys.executable, out=log
-    )
-    assert outcome.status == "SUCCEEDED", log.getvalue()[-6000:]
-    assert (work / "eval/report.json").is_file() and (work / "samples/samples.npz").is_file()
-
-    client = mlflow.MlflowClient(mlflow_server)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    assert runs, "no runs on the tracking server"
-    by_kind = {}
-    for run in runs:
-        by_kind.setdefault(run.info.run_name or "", []).append(run)
-    train_runs = [r for r in runs if any(k.startswith("train/") for k in r.data.metrics)]
-    assert len(train_runs) >= 3, [r.data.metrics.keys() for r in runs]  # VAE, ViT, DiT
-    assert all(r.data.params for r in train_runs)
-    eval_runs = [r for r in runs if any(k.startswith("eval/") for k in r.data.metrics)]
-    assert eval_runs, "no evaluation metrics logged"
-    artifacts = []
-    for run in runs:
-        stack = [""]
-        while stack:
-            for f in client.list_artifacts(run.info.run_id, stack.pop() or None):
-                (stack.append(f.path) if f.is_dir else artifacts.append(f.path))
-    assert any(a.endswith(".png") and "grid" in a for a in artifacts), artifacts
+# It lives in tests/test_quickstart.py (test_quickstart_smoke_through_ray_job_api_then_rerun_skips):
+# the quickstart's built-in recipe at smoke sizes is submitted through the Ray job API to a Ray head
+# on loopback with a real `mlflow server`, so one pipeline run serves both issues' tests.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -96,17 +98,30 @@ def _runs(uri: str, experiment: str) -> list:
 
 
 @pytest.mark.ray
-def test_quickstart_smoke_run_then_rerun_skips(ray_session, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    work = tmp_path / "qs"
-    assert quickstart.main(["--smoke-test", "--workdir", str(work)]) == 0
-    out = capsys.readouterr().out
-    summary = json.loads((work / "summary.json").read_text())
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    assert summary["tracking_uri"] == uri and os.path.isabs(summary["artifacts"]["mlflow_db"])
-    assert "MLFLOW_TRACKING_URI" not in os.environ  # the job restored the caller's environment
-    assert [s["status"] for s in summary["stages"]] == ["done"] * len(STAGES)
+def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_server, tmp_path):
+    """Issue 6's integration test and issue 7's smoke test in one run of the real parts.
 
+    `python -m jobs.quickstart --smoke-test` (the built-in recipe at tiny sizes) is submitted
+    through the Ray job API to a Ray head on loopback, logging to a real `mlflow server`; then the
+    tracking server must hold the runs with their params, metrics, the sample grid and the
+    evaluation metrics, and every artifact of the summary must exist. A second run, in-process,
+    skips every finished stage (and so starts no Ray).
+    """
+    import io
+
+    from pipelines.submit import submit
+
+    work = tmp_path / "qs"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = io.StringIO()
+    argv = ["--smoke-test", "--workdir", str(work), "--tracking-uri", mlflow_server]
+    outcome = submit(ray_head.address, "quickstart", argv, working_dir=root, python=sys.executable, out=log)
+    out = log.getvalue()
+    assert outcome.status == "SUCCEEDED", out[-6000:]
+
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["tracking_uri"] == mlflow_server
+    assert [s["status"] for s in summary["stages"]] == ["done"] * len(STAGES)
     a = summary["artifacts"]
     for key in ("latents_manifest", "samples_npz", "grid", "eval_report", "memorization_report", "summary"):
         assert os.path.isfile(a[key]), key
@@ -119,30 +134,41 @@ def test_quickstart_smoke_run_then_rerun_skips(ray_session, tmp_path, capsys, mo
     with np.load(a["samples_npz"]) as npz:
         assert npz["arr_0"].shape == (20, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
         assert list(npz["arr_1"][:10]) == list(range(10))
-
     m = summary["metrics"]
     for key in ("vit_val_accuracy", "dit_sample_accuracy", "fd", "kid", "precision", "recall", "floor_fd"):
         assert isinstance(m[key], float) and np.isfinite(m[key]), (key, m[key])
     assert 0.0 <= m["dit_sample_accuracy"] <= 1.0 and len(m["dit_sample_accuracy_per_class"]) == 10
     assert m["nn_distance_samples_median"] > 0 and m["nn_distance_val_median"] > 0
     assert summary["targets"] == {}  # no accuracy targets in a smoke run
+    assert a["grid"] in out and "mlflow ui" in out  # the job's own output, streamed back
 
-    assert a["grid"] in out and f"mlflow ui --backend-store-uri {uri}" in out
-    # One store holds every stage's run, with artifacts under the workdir.
+    # The tracking server holds every stage's run: params, metrics, the grid, the evaluation.
+    client = mlflow.MlflowClient(mlflow_server)
     for exp in ("vitdit-vae", "vitdit-vit", "vitdit-dit", "vitdit-sample", "vitdit-eval"):
-        assert _runs(uri, exp), exp
-    (eval_run,) = _runs(uri, "vitdit-eval")
-    assert "eval/accuracy" in eval_run.data.metrics
-    (qs_run,) = _runs(uri, quickstart.MLFLOW_EXPERIMENT)
+        assert _runs(mlflow_server, exp), exp
+    for exp in ("vitdit-vae", "vitdit-vit", "vitdit-dit"):
+        (run,) = _runs(mlflow_server, exp)
+        assert run.data.params and any(k.startswith("train/") for k in run.data.metrics), exp
+    (eval_run,) = _runs(mlflow_server, "vitdit-eval")
+    assert {"eval/accuracy", "eval/fd", "eval/kid"} <= set(eval_run.data.metrics)
+    (dit_run,) = _runs(mlflow_server, "vitdit-dit")
+    grids = [f.path for f in _all_artifacts(client, dit_run.info.run_id) if f.path.endswith(".png")]
+    assert grids, "no sample grid on the DiT run"
+    (qs_run,) = _runs(mlflow_server, quickstart.MLFLOW_EXPERIMENT)
     assert qs_run.info.run_id == summary["mlflow_run_id"]
     assert qs_run.data.metrics["quickstart/dit_sample_accuracy"] == pytest.approx(m["dit_sample_accuracy"])
-    assert qs_run.info.artifact_uri.removeprefix("file://").startswith(str(work))
-    assert not os.path.exists("mlruns") or os.path.getmtime("mlruns") < os.path.getmtime(work / "data")
 
     # A second run reuses every finished stage.
-    assert quickstart.main(["--smoke-test", "--workdir", str(work)]) == 0
+    assert quickstart.main(argv) == 0
     again = json.loads((work / "summary.json").read_text())
     assert [s["status"] for s in again["stages"]] == ["skipped"] * len(STAGES)
     assert again["seconds"] < summary["seconds"] / 2
     assert again["metrics"]["dit_sample_accuracy"] == m["dit_sample_accuracy"]
-    assert len(_runs(uri, "vitdit-dit")) == 1  # nothing retrained
+    assert len(_runs(mlflow_server, "vitdit-dit")) == 1  # nothing retrained
+
+
+def _all_artifacts(client, run_id: str, path: str | None = None) -> list:
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out.extend(_all_artifacts(client, run_id, f.path) if f.is_dir else [f])
+    return out

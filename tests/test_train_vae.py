@@ -26,11 +26,11 @@ def test_vae_loss_terms():
     x = torch.zeros(2, 3, 4, 4)
     # A perfect reconstruction with the prior as posterior costs nothing.
     loss, parts = vae_loss(x, x.clone(), torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), kl_weight=1e-2)
-    assert loss.item() == 0.0 and parts["train/kl"] == 0.0
+    assert loss.item() == 0.0 and parts["kl"] == 0.0
     # Reconstruction off by 0.5 everywhere: L1 0.5 + L2 0.25; mean 1 in every latent element: KL 0.5.
     loss, parts = vae_loss(x, x + 0.5, torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2), kl_weight=0.1)
-    assert parts["train/l1"] == pytest.approx(0.5) and parts["train/mse"] == pytest.approx(0.25)
-    assert parts["train/kl"] == pytest.approx(0.5) and loss.item() == pytest.approx(0.8)
+    assert parts["l1"] == pytest.approx(0.5) and parts["mse"] == pytest.approx(0.25)
+    assert parts["kl"] == pytest.approx(0.5) and loss.item() == pytest.approx(0.8)
 
 
 def test_architecture_flags_are_checked_before_ray(tmp_path):

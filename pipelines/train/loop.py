@@ -191,7 +191,8 @@ class TrainTask:
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training loss of one micro batch (a mean over its samples) and extra scalars to log."""
+        """The training loss of one micro batch (a mean over its samples) and extra scalars to log
+        (bare names: the loop logs them as ``train/<name>``)."""
         raise NotImplementedError
 
     def validate(self, model: nn.Module, ema_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:

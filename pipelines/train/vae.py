@@ -94,7 +94,7 @@ def vae_loss(
     l2 = F.mse_loss(recon, x)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
     loss = l1 + l2 + kl_weight * kl
-    return loss, {"train/l1": l1.item(), "train/mse": l2.item(), "train/kl": kl.item()}
+    return loss, {"l1": l1.item(), "mse": l2.item(), "kl": kl.item()}
 
 
 def build_autoencoder(cfg: VAETaskConfig, scaling_factor: float = 1.0):

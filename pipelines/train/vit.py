@@ -290,7 +290,7 @@ class ViTTask(TrainTask):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         acc = (logits.argmax(-1) == y).float().mean().item()
-        return loss, {"train/accuracy": acc}
+        return loss, {"accuracy": acc}
 
     @torch.no_grad()
     def validate(self, model, ema_model, batches: Iterable[dict]) -> dict[str, float]:
