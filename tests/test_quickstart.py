@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import mlflow
 import numpy as np
@@ -88,13 +89,14 @@ def test_print_recipe_round_trips_to_vitdit_pipeline(tmp_path, capsys):
 # --- the smoke run (Ray, MLflow, every stage) -----------------------------------------------------
 
 
-def _runs(uri: str, experiment: str) -> list:
+def _runs(uri: str, experiment: str, since_ms: int = 0) -> list:
+    """The experiment's runs started at or after ``since_ms`` (the session's server is shared)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"experiment {experiment} missing from {uri}"
-    return client.search_runs([exp.experiment_id])
+    return [r for r in client.search_runs([exp.experiment_id]) if r.info.start_time >= since_ms]
 
 
 @pytest.mark.ray
@@ -111,6 +113,7 @@ def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_
 
     from pipelines.submit import submit
 
+    t0 = int(time.time() * 1000)  # other tests log to the same server: count only this test's runs
     work = tmp_path / "qs"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     log = io.StringIO()
@@ -145,16 +148,20 @@ def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_
     # The tracking server holds every stage's run: params, metrics, the grid, the evaluation.
     client = mlflow.MlflowClient(mlflow_server)
     for exp in ("vitdit-vae", "vitdit-vit", "vitdit-dit", "vitdit-sample", "vitdit-eval"):
-        assert _runs(mlflow_server, exp), exp
+        assert _runs(mlflow_server, exp, t0), exp
     for exp in ("vitdit-vae", "vitdit-vit", "vitdit-dit"):
-        (run,) = _runs(mlflow_server, exp)
+        (run,) = _runs(mlflow_server, exp, t0)
         assert run.data.params and any(k.startswith("train/") for k in run.data.metrics), exp
-    (eval_run,) = _runs(mlflow_server, "vitdit-eval")
+    (eval_run,) = _runs(mlflow_server, "vitdit-eval", t0)
     assert {"eval/accuracy", "eval/fd", "eval/kid"} <= set(eval_run.data.metrics)
-    (dit_run,) = _runs(mlflow_server, "vitdit-dit")
+    (dit_run,) = _runs(mlflow_server, "vitdit-dit", t0)
     grids = [f.path for f in _all_artifacts(client, dit_run.info.run_id) if f.path.endswith(".png")]
     assert grids, "no sample grid on the DiT run"
-    (qs_run,) = _runs(mlflow_server, quickstart.MLFLOW_EXPERIMENT)
+    qs_run = next(
+        r
+        for r in _runs(mlflow_server, quickstart.MLFLOW_EXPERIMENT, t0)
+        if r.info.run_id == summary["mlflow_run_id"]
+    )
     assert qs_run.info.run_id == summary["mlflow_run_id"]
     assert qs_run.data.metrics["quickstart/dit_sample_accuracy"] == pytest.approx(m["dit_sample_accuracy"])
 
@@ -164,7 +171,7 @@ def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_
     assert [s["status"] for s in again["stages"]] == ["skipped"] * len(STAGES)
     assert again["seconds"] < summary["seconds"] / 2
     assert again["metrics"]["dit_sample_accuracy"] == m["dit_sample_accuracy"]
-    assert len(_runs(mlflow_server, "vitdit-dit")) == 1  # nothing retrained
+    assert len(_runs(mlflow_server, "vitdit-dit", t0)) == 1  # nothing retrained
 
 
 def _all_artifacts(client, run_id: str, path: str | None = None) -> list:

@@ -113,7 +113,7 @@ def test_train_vit_on_digits_learns_and_records_classes(ray_session, digits_root
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = build_parser().parse_args(
         ["--images", digits_root, "--model", "ViT-digits/4", "--output", str(out), "--steps", "92",
-         "--global-batch-size", "64", "--lr", "1e-3", "--warmup-steps", "10", "--lr-schedule", "cosine",
+         "--global-batch-size", "64", "--lr", "1e-3", "--warmup-steps", "40", "--lr-schedule", "constant",
          "--checkpoint-every", "92", "--log-every", "10", "--tracking-uri", tracking]
     )  # fmt: skip
     assert args.eval_every is None and args.ema_decay == 0.0 and args.label_smoothing == 0.1
@@ -125,8 +125,8 @@ def test_train_vit_on_digits_learns_and_records_classes(ray_session, digits_root
     rows = [json.loads(line) for line in open(out / "train_log.jsonl")]
     val = [r for r in rows if "val/accuracy" in r]
     assert [r["step"] for r in val] == [23, 46, 69, 92]
-    # Chance is 0.10 (±0.016 on 360 images); two runs here reached 0.18-0.20 after these 4 epochs
-    # (the ViT's zero-initialised head and label smoothing make the first epochs slow).
+    # Chance is 0.10 (±0.016 on 360 images). With a 10-step warmup at lr 1e-3 the ViT collapsed to
+    # the uniform prediction (loss ln 10) in one run; a 40-step warmup reached 0.35 by step 92.
     assert val[-1]["val/accuracy"] > 0.15, val
     assert val[-1]["val/loss"] < val[0]["val/loss"] - 0.1, val
     train = [r["train/loss"] for r in rows if "train/loss" in r]
