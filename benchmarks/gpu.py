@@ -88,6 +88,8 @@ def time_step(step: Callable[[], None], device: torch.device, warmup: int, iters
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
+    if not times:
+        return float("nan")
     times.sort()
     return times[len(times) // 2]
 
@@ -193,52 +195,112 @@ def set_peer_attention(peer: nn.Module, attn: str) -> None:
 
 
 def bench_dit(
-    name: str, batch: int, device: torch.device, settings: list[dict], warmup: int, iters: int
+    name: str,
+    batch: int,
+    device: torch.device,
+    settings: list[dict],
+    warmup: int,
+    iters: int,
+    rounds: int = 1,
 ) -> list[dict]:
     """images/s of one training step for each setting {side, precision, compile, attn}."""
     from vitdit.models import get_preset
     from vitdit.models.layers import set_attn_impl
 
-    rows = []
     c, macs = get_preset(name), forward_macs(name)
-    for side in ("vitdit", "diffusers"):
-        for s in (s for s in settings if s["side"] == side):
-            torch.manual_seed(0)
-            model = build_dit(side, name, device)
-            if side == "vitdit":
-                set_attn_impl(model, s["attn"])
-            else:
-                set_peer_attention(model, s["attn"])
-            model.train()
-            x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
-            t = torch.randint(0, 1000, (batch,), device=device)
-            y = torch.randint(0, c.num_classes, (batch,), device=device)
-            target = torch.randn(batch, c.in_channels * (2 if c.learn_sigma else 1), c.input_size, c.input_size,
-                                 device=device)  # fmt: skip
-            if s["compile"]:
-                blocks = model.blocks if side == "vitdit" else model.transformer_blocks
-                apply_compile(model, blocks, s.get("scope", "blocks"))
-            if side == "vitdit":
-                fwd = lambda m=model, x=x, t=t, y=y: m(x, t, y)
-            else:
-                fwd = lambda m=model, x=x, t=t, y=y: m(hidden_states=x, timestep=t, class_labels=y).sample
-            step = train_step_fn(model, fwd, target, device, s["precision"])
+
+    def make(s: dict) -> Callable[[], None]:
+        side = s["side"]
+        torch.manual_seed(0)
+        model = build_dit(side, name, device)
+        if side == "vitdit":
+            set_attn_impl(model, s["attn"])
+        else:
+            set_peer_attention(model, s["attn"])
+        model.train()
+        x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        y = torch.randint(0, c.num_classes, (batch,), device=device)
+        target = torch.randn(batch, c.in_channels * (2 if c.learn_sigma else 1), c.input_size, c.input_size,
+                             device=device)  # fmt: skip
+        if s["compile"]:
+            blocks = model.blocks if side == "vitdit" else model.transformer_blocks
+            apply_compile(model, blocks, s.get("scope", "blocks"))
+        if side == "vitdit":
+            fwd = lambda m=model, x=x, t=t, y=y: m(x, t, y)
+        else:
+            fwd = lambda m=model, x=x, t=t, y=y: m(hidden_states=x, timestep=t, class_labels=y).sample
+        return train_step_fn(model, fwd, target, device, s["precision"])
+
+    ordered = [s for side in ("vitdit", "diffusers") for s in settings if s["side"] == side]
+    return run_settings(name, batch, device, ordered, make, 6.0 * macs, warmup, iters, rounds)
+
+
+def run_settings(
+    model_name: str,
+    batch: int,
+    device: torch.device,
+    settings: list[dict],
+    make: Callable[[dict], Callable[[], None]],
+    train_flops_per_img: float,
+    warmup: int,
+    iters: int,
+    rounds: int,
+) -> list[dict]:
+    """Time one training step per setting.
+
+    rounds == 1: one setting after another, each freed before the next (GPU-sized models).
+    rounds > 1: every setting is built and warmed first, then timed round-robin ``rounds`` times
+    (``iters`` steps per setting per round); the median over all rounds is reported. On a shared or
+    throttled machine the load then falls on every setting alike instead of on whichever ran last.
+    """
+
+    def row(s: dict, sec: float, wall: float, spread: float | None = None) -> dict:
+        r = {
+            "model": model_name, "side": s["side"], "precision": s["precision"], "compile": s["compile"],
+            "attn": s["attn"], "batch": batch, "sec_per_step": sec, "img_per_s": batch / sec,
+            "train_flops_per_img": train_flops_per_img, "wall_s": wall,
+        }  # fmt: skip
+        if spread is not None:
+            r["img_per_s_round_min_max"] = spread
+        return r
+
+    rows: list[dict] = []
+    if rounds <= 1:
+        for s in settings:
             t0 = time.perf_counter()
+            step = make(s)
             sec = time_step(step, device, warmup, iters)
             if s.get("profile"):
-                profile_step(step, device, f"{name} {side} {s}")
-            rows.append(
-                {
-                    "model": name, "side": side, "precision": s["precision"], "compile": s["compile"],
-                    "attn": s["attn"], "batch": batch, "sec_per_step": sec, "img_per_s": batch / sec,
-                    "train_flops_per_img": 6.0 * macs, "wall_s": time.perf_counter() - t0,
-                }
-            )  # fmt: skip
-            del model, step
+                profile_step(step, device, f"{model_name} {s}")
+            rows.append(row(s, sec, time.perf_counter() - t0))
+            del step
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(json.dumps({"progress": rows[-1]}), flush=True)
+        return rows
+    steps, walls = [], []
+    for s in settings:
+        t0 = time.perf_counter()
+        step = make(s)
+        time_step(step, device, warmup, 0)  # warm-up (and compilation) only
+        steps.append(step)
+        walls.append(time.perf_counter() - t0)
+        print(json.dumps({"progress": {"built": s, "wall_s": walls[-1]}}), flush=True)
+    times: list[list[float]] = [[] for _ in settings]
+    per_round: list[list[float]] = [[] for _ in settings]
+    for _ in range(rounds):
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            sec = time_step(step, device, 0, iters)
+            times[i].append(sec)
+            per_round[i].append(batch / sec)
+            walls[i] += time.perf_counter() - t0
+    for i, s in enumerate(settings):
+        ts = sorted(times[i])
+        rows.append(row(s, ts[len(ts) // 2], walls[i], [min(per_round[i]), max(per_round[i])]))
+        print(json.dumps({"progress": rows[-1]}), flush=True)
     return rows
 
 
@@ -286,18 +348,21 @@ def bench_vit(
     warmup: int,
     iters: int,
     image_size: int | None,
+    rounds: int = 1,
 ) -> list[dict]:
     from vitdit.models import create_model
     from vitdit.models.layers import set_attn_impl
 
-    rows = []
-    for s in settings:
-        if s["side"] == "transformers" and not transformers_available():
-            continue
+    if not transformers_available():
+        settings = [s for s in settings if s["side"] != "transformers"]
+    overrides = {"image_size": image_size} if image_size else {}
+    probe = create_model(name, **overrides)
+    c, macs = probe.config, probe.forward_macs()
+    del probe
+
+    def make(s: dict) -> Callable[[], None]:
         torch.manual_seed(0)
-        overrides = {"image_size": image_size} if image_size else {}
         ours = create_model(name, **overrides)
-        c, macs = ours.config, ours.forward_macs()
         if s["side"] == "vitdit":
             model = set_attn_impl(ours, s["attn"]).to(device)
             blocks = model.blocks
@@ -311,22 +376,11 @@ def bench_vit(
         labels = torch.randint(0, c.num_classes, (batch,), device=device)
         if s["compile"]:
             apply_compile(model, blocks, s.get("scope", "blocks"))
-        step = train_step_fn(model, lambda m=model, x=x: m(x), None, device, s["precision"], labels=labels)
-        t0 = time.perf_counter()
-        sec = time_step(step, device, warmup, iters)
-        rows.append(
-            {
-                "model": f"{name}@{c.image_size}", "side": s["side"], "precision": s["precision"],
-                "compile": s["compile"], "attn": s["attn"], "batch": batch, "sec_per_step": sec,
-                "img_per_s": batch / sec, "train_flops_per_img": 6.0 * macs, "wall_s": time.perf_counter() - t0,
-            }
-        )  # fmt: skip
-        del model, step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        print(json.dumps({"progress": rows[-1]}), flush=True)
-    return rows
+        return train_step_fn(model, lambda m=model, x=x: m(x), None, device, s["precision"], labels=labels)
+
+    return run_settings(
+        f"{name}@{c.image_size}", batch, device, settings, make, 6.0 * macs, warmup, iters, rounds
+    )
 
 
 # --- SD-VAE encoding --------------------------------------------------------------------------------

@@ -11,7 +11,11 @@ the same configuration and batch; the peers are diffusers' ``DiTTransformer2DMod
 transformers' ``ViTModel`` + a linear head (``benchmarks/gpu.py`` builds them). Settings: precision
 (fp32, bf16 autocast), attention path (fused SDPA or matmul-softmax-matmul: diffusers'
 ``AttnProcessor`` and transformers' "eager" are the peers' math paths), and ``torch.compile``
-(per block) for the bf16 rows. Reported ratios:
+(per block) for the bf16 rows. Every setting is built and warmed first, then all are timed
+round-robin (``--rounds`` rounds of ``--iters`` steps, median reported, with each setting's slowest
+and fastest round): this machine's speed drifts by tens of percent over minutes, and timing one
+setting after another put that drift into the ratios (a first run had transformers' ViT 1.5× ours
+in one row that the same models, alternated in one process, reversed to 0.76×). Reported ratios:
 
 (a) ``same_<precision>_<attn>_eager``: identical settings, both eager (target >= 1.0);
 (b) ``best_vs_best``: each side at its fastest setting (target >= 1.3).
@@ -85,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vit-batch", type=int, default=8)
     ap.add_argument("--vit-size", type=int, default=224)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=4, help="timed steps per setting per round")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="round-robin rounds over all settings (median reported); 1 = one setting at a time")  # fmt: skip
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="include torch.compile rows (bf16, math attention)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit")
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.dit_model, args.vit_model, args.vit_size = "DiT-test/2", "ViT-test/4", None
         args.dit_batch, args.vit_batch, args.warmup, args.iters, args.compile = 2, 2, 1, 2, False
+        args.rounds = min(args.rounds, 2)
         mm_n = 256
     else:
         mm_n = 4096
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "smoke": args.smoke,
+        "rounds": args.rounds,
+        "iters_per_round": args.iters,
         "note": "shared machine: other processes may run at the same time; numbers are noisy",
     }
     peaks = {
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_settings("vitdit", "diffusers", args.smoke, args.compile),
             args.warmup,
             args.iters,
+            rounds=args.rounds,
         )
         add_mfu(rows, peaks)
         rows_all += rows
@@ -137,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             args.warmup,
             args.iters,
             args.vit_size,
+            rounds=args.rounds,
         )
         add_mfu(rows, peaks)
         rows_all += rows

@@ -167,3 +167,33 @@ def test_shuffled_chunks_mix_classes_and_keep_every_file(digits_root):
     assert triplets(shuffled_chunks(source.chunks, seed=0)) == triplets(chunks)
     assert chunks[0].ids == shuffled_chunks(source.chunks, seed=0)[0].ids  # seeded: exact resume
     assert chunks[0].ids != shuffled_chunks(source.chunks, seed=1)[0].ids
+
+
+class _CountingShard:
+    """A stand-in for a Ray Data shard (unit test of the cache only): counts executions."""
+
+    def __init__(self, rows: int):
+        self.rows, self.executions = rows, 0
+
+    def iter_torch_batches(self, batch_size: int):
+        self.executions += 1
+        for start in range(0, self.rows, batch_size):
+            n = min(batch_size, self.rows - start)
+            yield {"label": torch.arange(start, start + n)}
+
+
+def test_small_validation_set_is_read_once_and_large_one_streams():
+    from pipelines.train.loop import _ValidationBatches
+
+    small = _CountingShard(rows=10)
+    val = _ValidationBatches(small, micro=4, cache_rows=10)
+    first = [b["label"].tolist() for b in val]
+    second = [b["label"].tolist() for b in val]
+    assert first == second == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert small.executions == 1
+
+    big = _CountingShard(rows=11)
+    val = _ValidationBatches(big, micro=4, cache_rows=10)
+    assert [len(b["label"]) for b in val] == [4, 4, 3]
+    assert [len(b["label"]) for b in val] == [4, 4, 3]
+    assert big.executions == 2  # too big to keep: every validation reads the shard again
