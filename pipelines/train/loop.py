@@ -712,7 +712,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
         if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
             t_eval = time.perf_counter()
-            _evaluate(task, raw, ema, step, val_batches, autocast, use_autocast, logger, last_logged, log_path)
+            _evaluate(
+                task, raw, ema, step, val_batches, autocast, use_autocast, logger, last_logged, log_path
+            )
             window_start += time.perf_counter() - t_eval  # validation is not training throughput
 
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
