@@ -33,26 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_vae(path: str, smoke: bool) -> str:
-    from diffusers import AutoencoderKL
+    from benchmarks.gpu import sd_vae
 
     torch.manual_seed(0)
-    if smoke:
-        blocks, layers, groups, size = (8, 16), 1, 4, 16
-    else:  # stabilityai/sd-vae-ft-ema (and SD 1.x) architecture
-        blocks, layers, groups, size = (128, 256, 512, 512), 2, 32, 256
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        block_out_channels=blocks,
-        layers_per_block=layers,
-        latent_channels=4,
-        norm_num_groups=groups,
-        sample_size=size,
-        scaling_factor=0.18215,
-    )
-    vae.save_pretrained(path)
+    sd_vae(16 if smoke else 256, smoke).save_pretrained(path)
     return path
 
 

@@ -384,12 +384,17 @@ def bench_vit(
 
 
 # --- SD-VAE encoding --------------------------------------------------------------------------------
-def bench_vae_encode(device: torch.device, batch: int, resolution: int, smoke: bool, iters: int) -> dict:
-    """images/s of ``AutoencoderKL.encode`` with Stable Diffusion's VAE architecture (random weights)."""
+def sd_vae(resolution: int, smoke: bool) -> nn.Module:
+    """A diffusers AutoencoderKL with Stable Diffusion's VAE architecture, random weights.
+
+    As stabilityai/sd-vae-ft-ema's config.json: 4 blocks of 128/256/512/512 channels (8× down-sampling),
+    2 layers per block, 4 latent channels, 32 norm groups, scaling factor 0.18215. ``smoke``: 2 tiny
+    blocks, for the tests.
+    """
     from diffusers import AutoencoderKL
 
-    blocks = (8, 16) if smoke else (128, 256, 512, 512)  # SD's VAE: 4 blocks, 8× down-sampling
-    vae = AutoencoderKL(
+    blocks = (8, 16) if smoke else (128, 256, 512, 512)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(blocks),
@@ -399,7 +404,13 @@ def bench_vae_encode(device: torch.device, batch: int, resolution: int, smoke: b
         latent_channels=4,
         norm_num_groups=4 if smoke else 32,
         sample_size=resolution,
+        scaling_factor=0.18215,
     )
+
+
+def bench_vae_encode(device: torch.device, batch: int, resolution: int, smoke: bool, iters: int) -> dict:
+    """images/s of ``AutoencoderKL.encode`` with Stable Diffusion's VAE architecture (random weights)."""
+    vae = sd_vae(resolution, smoke)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = vae.to(device=device, dtype=dtype).eval()
     x = torch.randn(batch, 3, resolution, resolution, device=device, dtype=dtype)
