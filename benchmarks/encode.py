@@ -11,7 +11,7 @@ same run. Both include decode + centre crop + encode; the Ray side also writes i
 "steady" rates leave out the first batch (model load, actor start-up, first-call kernels) on both
 sides: the rate a long encode job runs at. "e2e" rates are wall time from loading the VAE (the bare
 loop) or starting the dataset (Ray: actor process start-up, imports and VAE load included) to the last
-write; the gap is a fixed start-up cost (about 20 s here), so the e2e ratio approaches the steady one
+write; the gap is a fixed start-up cost (30-34 s measured here), so the e2e ratio approaches the steady one
 as the image count grows. Prints one JSON line.
 """
 

@@ -288,18 +288,16 @@ def run_settings(
         steps.append(step)
         walls.append(time.perf_counter() - t0)
         print(json.dumps({"progress": {"built": s, "wall_s": walls[-1]}}), flush=True)
-    times: list[list[float]] = [[] for _ in settings]
-    per_round: list[list[float]] = [[] for _ in settings]
+    times: list[list[float]] = [[] for _ in settings]  # seconds per step, one entry per round
     for _ in range(rounds):
         for i, step in enumerate(steps):
             t0 = time.perf_counter()
             sec = time_step(step, device, 0, iters)
             times[i].append(sec)
-            per_round[i].append(batch / sec)
             walls[i] += time.perf_counter() - t0
     for i, s in enumerate(settings):
         ts = sorted(times[i])
-        rows.append(row(s, ts[len(ts) // 2], walls[i], [min(per_round[i]), max(per_round[i])]))
+        rows.append(row(s, ts[len(ts) // 2], walls[i], [batch / ts[-1], batch / ts[0]]))
         print(json.dumps({"progress": rows[-1]}), flush=True)
     return rows
 
@@ -362,15 +360,13 @@ def bench_vit(
 
     def make(s: dict) -> Callable[[], None]:
         torch.manual_seed(0)
-        ours = create_model(name, **overrides)
         if s["side"] == "vitdit":
-            model = set_attn_impl(ours, s["attn"]).to(device)
+            model = set_attn_impl(create_model(name, **overrides), s["attn"]).to(device)
             blocks = model.blocks
         else:
             model = HFViTClassifier(c, s["attn"]).to(device)
             vit = model.vit  # transformers 5 keeps the blocks in .layers, 4.x in .encoder.layer
             blocks = vit.layers if hasattr(vit, "layers") else vit.encoder.layer
-            del ours
         model.train()
         x = torch.randn(batch, c.in_chans, c.image_size, c.image_size, device=device)
         labels = torch.randint(0, c.num_classes, (batch,), device=device)
