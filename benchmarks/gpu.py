@@ -133,7 +133,9 @@ def train_step_fn(
     labels: torch.Tensor | None = None,
 ) -> Callable[[], None]:
     """One AdamW training step: MSE to ``target`` (DiT) or cross-entropy to ``labels`` (ViT)."""
-    fused = device.type == "cuda"
+    # Fused AdamW on both sides, as vitdit's trainer runs it (pipelines/train/loop.make_optimizer):
+    # the optimizer belongs to the harness, not to either model.
+    fused = device.type in ("cpu", "cuda")
     opt = (
         torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         if fused
@@ -251,11 +253,14 @@ def run_settings(
 
     rounds == 1: one setting after another, each freed before the next (GPU-sized models).
     rounds > 1: every setting is built and warmed first, then timed round-robin ``rounds`` times
-    (``iters`` steps per setting per round); the median over all rounds is reported. On a shared or
-    throttled machine the load then falls on every setting alike instead of on whichever ran last.
+    (``iters`` steps per setting per round, the two sides of a pair back to back, the order
+    reversed every other round); the median over all rounds is reported. On a shared or throttled
+    machine the load then falls on every setting alike instead of on whichever ran last.
     """
 
-    def row(s: dict, sec: float, wall: float, spread: float | None = None) -> dict:
+    def row(
+        s: dict, sec: float, wall: float, spread: list | None = None, rounds_sec: list | None = None
+    ) -> dict:
         r = {
             "model": model_name, "side": s["side"], "precision": s["precision"], "compile": s["compile"],
             "attn": s["attn"], "batch": batch, "sec_per_step": sec, "img_per_s": batch / sec,
@@ -263,6 +268,8 @@ def run_settings(
         }  # fmt: skip
         if spread is not None:
             r["img_per_s_round_min_max"] = spread
+        if rounds_sec is not None:
+            r["round_sec_per_step"] = rounds_sec
         return r
 
     rows: list[dict] = []
@@ -289,17 +296,35 @@ def run_settings(
         walls.append(time.perf_counter() - t0)
         print(json.dumps({"progress": {"built": s, "wall_s": walls[-1]}}), flush=True)
     times: list[list[float]] = [[] for _ in settings]  # seconds per step, one entry per round
-    for _ in range(rounds):
-        for i, step in enumerate(steps):
+    order = _paired_order(settings)
+    for rnd in range(rounds):
+        for i in order if rnd % 2 == 0 else order[::-1]:
+            step = steps[i]
             t0 = time.perf_counter()
             sec = time_step(step, device, 0, iters)
             times[i].append(sec)
             walls[i] += time.perf_counter() - t0
     for i, s in enumerate(settings):
         ts = sorted(times[i])
-        rows.append(row(s, ts[len(ts) // 2], walls[i], [batch / ts[-1], batch / ts[0]]))
+        rows.append(row(s, ts[len(ts) // 2], walls[i], [batch / ts[-1], batch / ts[0]], times[i]))
         print(json.dumps({"progress": rows[-1]}), flush=True)
     return rows
+
+
+def _paired_order(settings: list[dict]) -> list[int]:
+    """Indices with each (a) pair adjacent: a setting of one side, then the same on the other side.
+
+    Rounds alternate this order and its reverse, so neither side of a pair always runs first and
+    a drift of the machine's speed within a round falls on both sides of every pair alike.
+    """
+    key = lambda s: (s["precision"], s["compile"], s["attn"])  # noqa: E731
+    order: list[int] = []
+    for i, s in enumerate(settings):
+        if i in order:
+            continue
+        order.append(i)
+        order += [j for j, o in enumerate(settings) if j not in order and key(o) == key(s)]
+    return order
 
 
 # --- ViT --------------------------------------------------------------------------------------------
@@ -432,18 +457,40 @@ def add_mfu(rows: list[dict], peaks: dict[str, float | None]) -> None:
 
 
 def ratios(rows: list[dict], ours: str, peer: str) -> dict:
-    """(a) same settings, both eager; (b) each side's best setting."""
+    """(a) same settings, both eager (round-robin runs: median of per-round ratios); (b) each side's best.
+
+    ``best_vs_peer_default`` also compares against the peer's best row at its default attention
+    ("sdpa": diffusers' ``AttnProcessor2_0``, transformers' ``attn_implementation="sdpa"``), i.e.
+    the peer with only precision and compile varied; ``best_vs_best`` lets the peer switch to its
+    math path too.
+    """
     out = {}
-    by = {(r["side"], r["precision"], r["compile"], r["attn"]): r["img_per_s"] for r in rows}
+    by = {(r["side"], r["precision"], r["compile"], r["attn"]): r for r in rows}
     same = [k for k in by if k[0] == ours and not k[2] and (peer, k[1], False, k[3]) in by]
     for k in same:
-        out[f"same_{k[1]}_{k[3]}_eager"] = by[k] / by[(peer, k[1], False, k[3])]
+        a, b = by[k], by[(peer, k[1], False, k[3])]
+        ra, rb = a.get("round_sec_per_step"), b.get("round_sec_per_step")
+        if ra and rb and len(ra) == len(rb):  # round-robin: the median of the per-round pair ratios
+            pair = sorted(tb / ta for ta, tb in zip(ra, rb))
+            out[f"same_{k[1]}_{k[3]}_eager"] = pair[len(pair) // 2]
+        else:
+            out[f"same_{k[1]}_{k[3]}_eager"] = a["img_per_s"] / b["img_per_s"]
     best_ours = max((r for r in rows if r["side"] == ours), key=lambda r: r["img_per_s"], default=None)
     best_peer = max((r for r in rows if r["side"] == peer), key=lambda r: r["img_per_s"], default=None)
     if best_ours and best_peer:
         out["best_vs_best"] = best_ours["img_per_s"] / best_peer["img_per_s"]
         out["best_ours"] = {k: best_ours[k] for k in ("precision", "compile", "attn", "img_per_s")}
         out["best_peer"] = {k: best_peer[k] for k in ("precision", "compile", "attn", "img_per_s")}
+        default_peer = max(
+            (r for r in rows if r["side"] == peer and r["attn"] == "sdpa"),
+            key=lambda r: r["img_per_s"],
+            default=None,
+        )
+        if default_peer:
+            out["best_vs_peer_default"] = best_ours["img_per_s"] / default_peer["img_per_s"]
+            out["best_peer_default"] = {
+                k: default_peer[k] for k in ("precision", "compile", "attn", "img_per_s")
+            }
     return out
 
 

@@ -53,3 +53,26 @@ def test_train_step_benchmark_smoke():
     assert {"same_fp32_sdpa_eager", "same_bf16_math_eager", "best_vs_best"} <= set(dit["ratios"])
     assert {"same_fp32_sdpa_eager", "best_vs_best"} <= set(result["vit"]["ratios"])
     assert all(0 < r["frac_of_matmul"] for r in dit["rows"])
+
+
+def test_pairs_run_back_to_back_and_same_setting_ratios_are_paired_per_round():
+    sys.path.insert(0, ROOT)
+    from benchmarks.gpu import _paired_order, ratios
+
+    settings = [
+        {"side": side, "precision": p, "compile": False, "attn": "math"}
+        for side in ("ours", "peer")
+        for p in ("fp32", "bf16")
+    ]
+    assert _paired_order(settings) == [0, 2, 1, 3]  # ours fp32, peer fp32, ours bf16, peer bf16
+
+    def row(side, precision, rounds):
+        ts = sorted(rounds)
+        return {"side": side, "precision": precision, "compile": False, "attn": "math",
+                "img_per_s": 1 / ts[len(ts) // 2], "round_sec_per_step": rounds}  # fmt: skip
+
+    # The machine slows 3× in the last rounds: each round's pair is level, the medians are not.
+    rows = [row("ours", "fp32", [1.0, 1.0, 3.0, 3.0, 3.0]), row("peer", "fp32", [1.0, 1.0, 1.0, 3.0, 3.0])]
+    out = ratios(rows, "ours", "peer")
+    assert out["same_fp32_math_eager"] == 1.0
+    assert out["best_vs_best"] == 1 / 3  # best vs best stays a ratio of medians

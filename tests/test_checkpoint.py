@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.train.loop import batch_plan, enable_grad_checkpointing, resolve_precision
+from pipelines.train.loop import batch_plan, enable_grad_checkpointing, make_optimizer, resolve_precision
 from vitdit.checkpoint import (
     CONFIG_KEYS,
     apply_retention,
@@ -199,6 +199,31 @@ def test_grad_checkpointing_gives_the_same_gradients():
         compared += 1
     assert compared > 10
     assert set(a.state_dict()) == set(b.state_dict())  # keys unchanged
+
+
+def test_fused_adamw_matches_the_multi_tensor_one_and_resume_keeps_the_kernel():
+    torch.manual_seed(0)
+    a = create_model("DiT-test/2")
+    b = create_model("DiT-test/2")
+    b.load_state_dict(a.state_dict())
+    opt_a = make_optimizer(a, 1e-3, 0.01, torch.device("cpu"))
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.01)
+    assert opt_a.param_groups[0]["fused"] is True
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 0])
+    for _ in range(5):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            m(x, t, y).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    moved = 0
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+        moved += int(pa.requires_grad)
+    assert moved > 10
+    # A checkpoint written by a foreach run resumes with foreach: the saved param group wins.
+    opt_c = make_optimizer(b, 1e-3, 0.01, torch.device("cpu"))
+    opt_c.load_state_dict(opt_b.state_dict())
+    assert not opt_c.param_groups[0]["fused"]
 
 
 def test_rerun_into_a_run_dir_continues_its_latest_checkpoint(tmp_path):
