@@ -452,7 +452,10 @@ class DiT(nn.Module):
         interpolation coefficients of the log-variance.
         """
         self._check_input(x)
-        x = self.x_embedder(x) + self.pos_embed  # B, T, D with T = H·W / p²
+        x = self.x_embedder(x)  # B, T, D with T = H·W / p²
+        # Added in the embedding's dtype, as diffusers does: under bf16 autocast the token stream
+        # stays bf16 (an fp32 table would promote it, costing an activation cast at every mixed op).
+        x = x + self.pos_embed.to(x.dtype)
         t = self.t_embedder(t)  # B, D
         y = self.y_embedder(y, self.training)  # B, D
         conditioning = self.config.conditioning
