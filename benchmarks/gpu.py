@@ -258,18 +258,15 @@ def run_settings(
     machine the load then falls on every setting alike instead of on whichever ran last.
     """
 
-    def row(
-        s: dict, sec: float, wall: float, spread: list | None = None, rounds_sec: list | None = None
-    ) -> dict:
+    def row(s: dict, sec: float, wall: float, rounds_sec: list[float] | None = None) -> dict:
         r = {
             "model": model_name, "side": s["side"], "precision": s["precision"], "compile": s["compile"],
             "attn": s["attn"], "batch": batch, "sec_per_step": sec, "img_per_s": batch / sec,
             "train_flops_per_img": train_flops_per_img, "wall_s": wall,
         }  # fmt: skip
-        if spread is not None:
-            r["img_per_s_round_min_max"] = spread
-        if rounds_sec is not None:
+        if rounds_sec is not None:  # round-robin: each round's time, and the slowest/fastest as img/s
             r["round_sec_per_step"] = rounds_sec
+            r["img_per_s_round_min_max"] = [batch / max(rounds_sec), batch / min(rounds_sec)]
         return r
 
     rows: list[dict] = []
@@ -306,7 +303,7 @@ def run_settings(
             walls[i] += time.perf_counter() - t0
     for i, s in enumerate(settings):
         ts = sorted(times[i])
-        rows.append(row(s, ts[len(ts) // 2], walls[i], [batch / ts[-1], batch / ts[0]], times[i]))
+        rows.append(row(s, ts[len(ts) // 2], walls[i], times[i]))
         print(json.dumps({"progress": rows[-1]}), flush=True)
     return rows
 
