@@ -8,6 +8,7 @@ the manifest lists. Columns and dtypes: ``vitdit.latents``. ``mean``/``std`` (an
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 
 import numpy as np
@@ -17,7 +18,7 @@ import ray
 
 from pipelines.images import filesystem_for
 from vitdit.errors import VitditError
-from vitdit.latents import FLIP_COLUMNS, LABEL, LATENT_COLUMNS, MANIFEST_NAME, Manifest, VAEIdentity
+from vitdit.latents import FLIP_COLUMNS, ID, LABEL, LATENT_COLUMNS, MANIFEST_NAME, Manifest, VAEIdentity
 
 
 def read_manifest(uri: str) -> Manifest:
@@ -70,7 +71,26 @@ def read_latents(
         raise VitditError(
             f"{uri}: {len(missing)} part(s) listed in the manifest are missing, e.g. {missing[0]}"
         )
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns), manifest
+    return read_parquet_parts(paths, fs, columns), manifest
+
+
+def read_parquet_parts(paths: list[str], filesystem, columns: list[str] | None = None) -> ray.data.Dataset:
+    """``ray.data.read_parquet`` of known files through Ray's V1 Parquet reader.
+
+    Ray 2.60's default reader (DataSourceV2) starts a pool of FooterReader actors (32 by default)
+    on every execution of the data set, to read the files' footers before reading them. Measured on
+    the 2-CPU test machine, reading the digits' 2 latent parts: 5.3-11 s per execution with V2,
+    0.36-1.2 s with V1 (``benchmarks/RESULTS.md``). A training run executes its data sets more
+    than once (validation, epochs that stream), and the manifest already names every part, so V2's
+    listing buys nothing here. V1 reads the same rows in the same order.
+    """
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False  # read_parquet picks the reader when it is called
+    try:
+        return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
+    finally:
+        ctx.use_datasource_v2 = before
 
 
 def load_latents_numpy(
@@ -109,3 +129,25 @@ def _tensor_column_to_numpy(col, shape: tuple[int, ...]) -> np.ndarray:
     while hasattr(flat, "flatten") and not hasattr(flat.type, "bit_width"):
         flat = flat.flatten()
     return np.asarray(flat.to_numpy(zero_copy_only=False)).reshape((-1, *shape))  # N, C, H, W
+
+
+def held_out(row_id: str, fraction: float) -> bool:
+    """Whether a row belongs to the validation slice: a stable hash of its id, not its position."""
+    h = int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < fraction
+
+
+class SplitById:
+    """map_batches: keep the rows on one side of the id-hash split, drop the string id column.
+
+    It lives here, in a module that does not import torch, because Ray Data runs it in its own worker
+    processes: a UDF whose module imports torch makes each fresh process spend seconds importing it
+    (the first validation pass of a DiT run took 13.7 s that way, 2.0 s after the move).
+    """
+
+    def __init__(self, fraction: float, want_val: bool):
+        self.fraction, self.want_val = fraction, want_val
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = np.array([held_out(i, self.fraction) == self.want_val for i in batch[ID]], dtype=bool)
+        return {k: v[mask] for k, v in batch.items() if k != ID}

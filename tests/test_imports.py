@@ -20,3 +20,20 @@ def test_cli_help_lists_commands():
     assert out.returncode == 0
     for cmd in ("quickstart", "encode", "train dit", "train vit", "train vae", "sample", "evaluate"):
         assert cmd in out.stdout
+
+
+def test_modules_of_ray_data_udfs_do_not_import_torch():
+    """Ray Data runs these modules' UDFs (image decoding, the latents' id split) in fresh worker
+    processes; importing torch there costs each process seconds (pipelines/latents.SplitById)."""
+    code = (
+        "import sys, vitdit, vitdit.errors, vitdit.latents, vitdit.preprocess\n"
+        "import pipelines.images, pipelines.latents\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    lazy = subprocess.run(
+        [sys.executable, "-c", "import vitdit; print(vitdit.create_model.__module__)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert lazy.stdout.strip() == "vitdit.models"

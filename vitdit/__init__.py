@@ -4,8 +4,23 @@ The library package. It imports torch, diffusers, safetensors and numpy, never r
 (``tests/test_imports.py`` checks it). Ray stages live in ``pipelines``, entrypoints in ``jobs``.
 """
 
-from vitdit.models import create_model, get_preset, list_models
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "create_model", "get_preset", "list_models"]
+
+_LAZY = {"create_model", "get_preset", "list_models"}
+
+
+def __getattr__(name: str) -> Any:
+    # The model functions load vitdit.models (and torch) on first use, not on `import vitdit`:
+    # torch-free modules (vitdit.errors, vitdit.latents, vitdit.preprocess) are imported by Ray Data
+    # UDFs, and each fresh Ray worker process that imports torch for nothing spends seconds on it.
+    if name in _LAZY:
+        from vitdit import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'vitdit' has no attribute {name!r}")

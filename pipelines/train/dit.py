@@ -15,13 +15,11 @@ with the VAE named in the manifest (skipped with a log line when that VAE cannot
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -57,23 +55,6 @@ class DiTTrainConfig:
     )
     grid_steps: int = dataclasses.field(default=10, metadata={"help": "DDIM steps of the sample grid"})
     grid_cfg_scale: float = dataclasses.field(default=4.0, metadata={"help": "guidance scale of the grid"})
-
-
-def held_out(row_id: str, fraction: float) -> bool:
-    """Whether a row belongs to the validation slice: a stable hash of its id, not its position."""
-    h = int.from_bytes(hashlib.blake2b(str(row_id).encode(), digest_size=8).digest(), "big")
-    return h / 2**64 < fraction
-
-
-class _SplitById:
-    """map_batches: keep the rows on one side of the id-hash split, drop the string id column."""
-
-    def __init__(self, fraction: float, want_val: bool):
-        self.fraction, self.want_val = fraction, want_val
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mask = np.array([held_out(i, self.fraction) == self.want_val for i in batch[ID]], dtype=bool)
-        return {k: v[mask] for k, v in batch.items() if k != ID}
 
 
 def image_grid(images: torch.Tensor, nrow: int):
@@ -138,7 +119,7 @@ class DiTTask(TrainTask):
     # driver side ------------------------------------------------------------------------------
 
     def datasets(self) -> dict[str, Any]:
-        from pipelines.latents import read_latents
+        from pipelines.latents import SplitById, read_latents
 
         cols = [LABEL, MEAN, STD, *(FLIP_COLUMNS if self.manifest.flips else ())]
         if self.args.val_latents:
@@ -152,9 +133,9 @@ class DiTTask(TrainTask):
         # Parts are written in listing order, often class by class: a seeded block order plus the
         # trainer's local shuffle buffer keeps batches class-mixed.
         train = full.randomize_block_order(seed=0).map_batches(
-            _SplitById(self.args.val_fraction, want_val=False)
+            SplitById(self.args.val_fraction, want_val=False)
         )
-        val = full.map_batches(_SplitById(self.args.val_fraction, want_val=True)).select_columns(
+        val = full.map_batches(SplitById(self.args.val_fraction, want_val=True)).select_columns(
             [LABEL, MEAN, STD]
         )
         return {"train": train, "val": val}
@@ -254,6 +235,14 @@ class DiTTask(TrainTask):
                 self._vae_failed = True
                 log.warning("sample grid skipped: cannot load the VAE %s (%s)", where, e)
         return self._vae
+
+    def warm_up(self) -> None:
+        # Imports only (diffusers takes seconds): building the VAE would draw from torch's global
+        # RNG, which the training thread seeds at every step.
+        if self.args.grid_samples > 0:
+            from diffusers import AutoencoderKL  # noqa: F401
+
+            import vitdit.vae  # noqa: F401
 
     def visualize(self, ema_model: nn.Module, step: int):
         """A fixed-seed DDIM grid of the EMA model (classes cycled), decoded with the VAE."""

@@ -103,15 +103,17 @@ class RunHandle:
         except Exception as e:
             log.warning("MLflow log_params failed: %s", e)
 
-    def last_logged_step(self, key: str = "train/loss") -> int:
-        """The highest step already logged under ``key`` (-1 if none): a resumed run logs after it."""
+    def last_logged_step(self, key: str = "train/loss") -> int | None:
+        """The highest step already logged under ``key`` (-1 if none, None when the history cannot
+        be read): a resumed run logs after it."""
         if self.client is None or self.run_id is None:
             return -1
         try:
             history = self.client.get_metric_history(self.run_id, key)
             return max((m.step for m in history), default=-1)
-        except Exception:
-            return -1
+        except Exception as e:
+            log.warning("cannot read the MLflow history of run %s: %s", self.run_id, e)
+            return None
 
     def set_tag(self, key: str, value: str) -> None:
         if self.client is None or self.run_id is None:
@@ -135,15 +137,24 @@ class AsyncRunLogger:
 
     def __init__(self, tracking_uri: str, run_id: str, max_queue: int = 1000, close_timeout_s: float = 15.0):
         bound_http_waits()
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.close_timeout_s = close_timeout_s
         self.failures = 0
+        self._client = None
+        self._client_ready = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        # The thread imports mlflow (1-3 s on a small CPU) while training starts.
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
         self._thread.start()
+
+    @property
+    def client(self):
+        """The MlflowClient (waits for the logger thread to have imported mlflow)."""
+        self._client_ready.wait()
+        if self._client is None:
+            raise RuntimeError(f"no MLflow client for {self.tracking_uri}")
+        return self._client
 
     def _put(self, item: tuple) -> None:
         try:
@@ -165,8 +176,16 @@ class AsyncRunLogger:
         self._put(("tag", key, value))
 
     def _work(self) -> None:
-        from mlflow.entities import Metric
+        try:
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric
 
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        except Exception as e:  # a broken install or URI: training goes on without tracking
+            log.warning("MLflow unusable at %s, not logging: %s", self.tracking_uri, e)
+            return
+        finally:
+            self._client_ready.set()
         while True:
             item = self._queue.get()
             if item is None:
@@ -174,14 +193,14 @@ class AsyncRunLogger:
             try:
                 if item[0] == "metrics":
                     _, metrics, step, ts = item
-                    self.client.log_batch(
+                    self._client.log_batch(
                         self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
                     )
                 elif item[0] == "image":
                     _, image, key, step = item
-                    self.client.log_image(self.run_id, image, key=key, step=step)
+                    self._client.log_image(self.run_id, image, key=key, step=step)
                 elif item[0] == "tag":
-                    self.client.set_tag(self.run_id, item[1], item[2])
+                    self._client.set_tag(self.run_id, item[1], item[2])
             except Exception as e:
                 self.failures += 1
                 if self.failures <= 3:
@@ -191,6 +210,8 @@ class AsyncRunLogger:
 
     def close(self) -> bool:
         """Flush for at most ``close_timeout_s``; True when everything was sent."""
+        if not self._thread.is_alive():  # MLflow was unusable: nothing will be sent
+            return False
         try:
             self._queue.put(None, timeout=self.close_timeout_s)
         except queue.Full:
