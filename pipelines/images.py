@@ -500,3 +500,10 @@ def split_errors(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], d
     """(good rows, bad rows) of a batch with an ``error`` column (empty string = good)."""
     bad = np.array([bool(e) for e in batch[ERROR]], dtype=bool)
     return {k: v[~bad] for k, v in batch.items()}, {k: v[bad] for k, v in batch.items()}
+
+
+def preprocess_good_rows(batch: dict, resolution: int) -> dict:
+    """Ray Data UDF of the ViT and VAE trainers: decode → RGB → ADM centre crop → resize; rows that
+    fail are dropped (``vitdit encode`` is where they are quarantined and named)."""
+    good, _bad = split_errors(Preprocess(resolution)(batch))
+    return {IMAGE: good[IMAGE], LABEL: good[LABEL]}

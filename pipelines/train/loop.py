@@ -441,6 +441,28 @@ def _checkpoints_of_this_fit(output: str, preexisting: list[str]) -> list[str]:
     return [p for _, p in list_checkpoints(output) if os.path.basename(p) not in set(preexisting)]
 
 
+def _logged_rows(path: str | None, after: int, upto: int) -> list[tuple[int, dict[str, float]]]:
+    """(step, metrics) rows of train_log.jsonl with ``after < step <= upto``, in file order.
+
+    A worker killed mid-run loses the metrics its MLflow thread had not sent yet; its log file,
+    written synchronously, still has them. A run continued from a checkpoint at ``upto`` never
+    re-does those steps, so they are sent to MLflow from here ("backfill").
+    """
+    if not path or not os.path.exists(path) or upto <= after:
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by SIGKILL
+                continue
+            step = int(row.pop("step", -1))
+            if after < step <= upto:
+                rows.append((step, {k: v for k, v in row.items() if isinstance(v, int | float)}))
+    return rows
+
+
 def _last_step_in_log(path: str | None) -> int:
     """The highest train-metrics step in train_log.jsonl, -1 when none."""
     if not path or not os.path.exists(path):
@@ -570,6 +592,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             try:
                 history = logger.client.get_metric_history(loop_config["run_id"], "train/loss")
                 logged["mlflow"] = max([logged["mlflow"], *(m.step for m in history)])
+                for step_k, row in _logged_rows(log_path, logged["mlflow"], start_step):
+                    logger.log_metrics(row, step_k)  # lost with the killed worker's queue
+                logged["mlflow"] = max(logged["mlflow"], start_step if log_path else -1)
             except Exception as e:
                 logged["mlflow"] = max(logged["mlflow"], logged["file"])  # never twice
                 log.warning(
@@ -942,6 +967,13 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
         _last_step_in_log(os.path.join(output, TRAIN_LOG_NAME)) if resume_dir and not is_uri(output) else -1
     )
     in_mlflow = handle.last_logged_step() if reopen and run_id == reopen else -1
+    if in_mlflow is not None and reopen and run_id == reopen and not is_uri(output):
+        # Steps up to the checkpoint that the killed run's MLflow thread never sent: from the log.
+        upto = int(resume_config.get("step") or 0)
+        rows = _logged_rows(os.path.join(output, TRAIN_LOG_NAME), in_mlflow, upto)
+        if rows and handle.log_metric_rows(rows):
+            log.info("sent %d logged steps to MLflow that the stopped run had not", len(rows))
+            in_mlflow = max(in_mlflow, upto)
     last_logged = {"mlflow": in_file if in_mlflow is None else in_mlflow, "file": in_file}  # never twice
     if resume_dir:
         handle.set_tag("resumed_from", resume_dir)

@@ -115,6 +115,22 @@ class RunHandle:
             log.warning("cannot read the MLflow history of run %s: %s", self.run_id, e)
             return None
 
+    def log_metric_rows(self, rows: list[tuple[int, dict[str, float]]]) -> bool:
+        """Log (step, metrics) rows (a resumed run's backfill); True when all were sent."""
+        if self.client is None or self.run_id is None:
+            return False
+        try:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), ts, step) for step, row in rows for k, v in row.items()]
+            for i in range(0, len(metrics), 1000):
+                self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+            return True
+        except Exception as e:
+            log.warning("MLflow backfill failed: %s", e)
+            return False
+
     def set_tag(self, key: str, value: str) -> None:
         if self.client is None or self.run_id is None:
             return

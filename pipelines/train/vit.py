@@ -181,16 +181,12 @@ def shuffled_chunks(chunks: list, seed: int, files_per_chunk: int = 256) -> list
     return out
 
 
-def _preprocess_good_rows(batch: dict, resolution: int) -> dict:
-    """Ray Data UDF: decode → RGB → ADM centre crop → resize; drop rows that failed."""
-    from pipelines.images import IMAGE, LABEL, Preprocess, split_errors
-
-    good, _bad = split_errors(Preprocess(resolution)(batch))
-    return {IMAGE: good[IMAGE], LABEL: good[LABEL]}
-
-
 def _preprocessed(ds, resolution: int):
-    return ds.map_batches(_preprocess_good_rows, fn_kwargs={"resolution": resolution}, batch_size=64)
+    # The UDF lives in pipelines.images, which does not import torch (fresh Ray Data worker
+    # processes would spend seconds importing it for nothing).
+    from pipelines.images import preprocess_good_rows
+
+    return ds.map_batches(preprocess_good_rows, fn_kwargs={"resolution": resolution}, batch_size=64)
 
 
 class ViTTask(TrainTask):

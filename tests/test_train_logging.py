@@ -1,16 +1,18 @@
-"""Start-up work rank 0 does in the background: the validation prefetch, the task's warm-up, and
-the MLflow logger's client (mlflow is imported in the logger's thread)."""
+"""Rank 0's logging and start-up work: the validation prefetch and the task's warm-up in a background
+thread, the MLflow logger (mlflow imported in its thread), and the backfill of steps a killed run
+logged to its file but never sent to MLflow."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 import torch
 
-from pipelines.train.loop import TrainTask, _Background, _start_warm_up, _ValidationBatches
-from pipelines.train.mlflow_logger import AsyncRunLogger
+from pipelines.train.loop import TrainTask, _Background, _logged_rows, _start_warm_up, _ValidationBatches
+from pipelines.train.mlflow_logger import AsyncRunLogger, RunHandle
 
 
 class _Shard:
@@ -86,3 +88,27 @@ def test_async_logger_with_an_unusable_uri_costs_nothing_at_close():
     t0 = time.monotonic()
     assert logger.close() is False
     assert time.monotonic() - t0 < 1.0
+
+
+def test_backfill_sends_the_logged_steps_mlflow_missed(tmp_path):
+    """A run killed after step 6 (checkpoint at 4) whose MLflow thread had sent steps 1-2 only: the
+    continued run sends 3-4 from its log file and re-does 5-6 itself; MLflow ends with each once."""
+    log_path = tmp_path / "train_log.jsonl"
+    with open(log_path, "w") as f:
+        for step in range(1, 7):
+            f.write(json.dumps({"step": step, "train/loss": 1.0 / step, "train/epoch": 0}) + "\n")
+        f.write(json.dumps({"step": 4, "val/loss": 0.9}) + "\n")
+        f.write('{"step": 7, "train/lo')  # a line cut by the SIGKILL
+    handle = RunHandle(f"sqlite:///{tmp_path / 'mlflow.db'}", "backfill")
+    run_id = handle.start("run")
+    assert handle.log_metric_rows([(1, {"train/loss": 1.0}), (2, {"train/loss": 0.5})])
+    assert handle.last_logged_step() == 2
+
+    rows = _logged_rows(str(log_path), after=handle.last_logged_step(), upto=4)
+    assert [step for step, _ in rows] == [3, 4, 4]
+    assert rows[-1] == (4, {"val/loss": 0.9})
+    assert handle.log_metric_rows(rows)
+    history = handle.client.get_metric_history(run_id, "train/loss")
+    assert {m.step: m.value for m in history} == pytest.approx({1: 1.0, 2: 0.5, 3: 1 / 3, 4: 0.25})
+    assert [m.step for m in handle.client.get_metric_history(run_id, "val/loss")] == [4]
+    assert _logged_rows(str(log_path), after=4, upto=4) == []
