@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,3 +78,20 @@ def test_pairs_run_back_to_back_and_same_setting_ratios_are_paired_per_round():
     out = ratios(rows, "ours", "peer")
     assert out["same_fp32_math_eager"] == 1.0
     assert out["best_vs_best"] == 1 / 3  # best vs best stays a ratio of medians
+
+
+@pytest.mark.slow
+def test_data_start_benchmark_smoke(tmp_path):
+    out = tmp_path / "data_start.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/data_start.py", "--smoke", "--json-out", str(out)],
+        check=True, cwd=ROOT, capture_output=True, timeout=600,
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    for key in (
+        "read_v2_default_s",
+        "read_v1_s",
+        "val_split_udf_importing_torch_s",
+        "val_split_udf_torch_free_s",
+    ):
+        assert len(record[key]) == 2 and all(t > 0 for t in record[key]), key
