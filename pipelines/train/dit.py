@@ -240,9 +240,12 @@ class DiTTask(TrainTask):
         # Imports only (diffusers takes seconds): building the VAE would draw from torch's global
         # RNG, which the training thread seeds at every step.
         if self.args.grid_samples > 0:
-            from diffusers import AutoencoderKL  # noqa: F401
+            try:
+                from diffusers import AutoencoderKL  # noqa: F401
 
-            import vitdit.vae  # noqa: F401
+                import vitdit.vae  # noqa: F401
+            except Exception:  # the grid is optional: _load_vae says why it is skipped
+                pass
 
     def visualize(self, ema_model: nn.Module, step: int):
         """A fixed-seed DDIM grid of the EMA model (classes cycled), decoded with the VAE."""
