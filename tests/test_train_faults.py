@@ -71,9 +71,10 @@ def test_sigkill_restarts_from_the_checkpoint_and_matches_exactly(reference, tmp
     out = tmp_path / "run"
     marker = tmp_path / "killed"
     starts = tmp_path / "starts"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     res = run_training(
         TinyTask(start_log=str(starts)),
-        _cfg(out, max_failures=1),
+        _cfg(out, max_failures=1, tracking_uri=uri),
         _test_hooks={"kill_after_step": 6, "kill_after_step_marker": str(marker)},
     )
     assert marker.exists()  # the worker really was SIGKILLed once after step 6 (checkpoint at 4)
@@ -85,6 +86,13 @@ def test_sigkill_restarts_from_the_checkpoint_and_matches_exactly(reference, tmp
     assert load_checkpoint(res.last_checkpoint).train_state["step"] == STEPS
     losses = read_train_log(str(out))  # also fails if steps 5-6 were logged twice
     assert losses == ref_losses  # 1 worker: exactly the uninterrupted run
+    # MLflow gets each step once: what the killed worker's logger had not sent yet comes from the
+    # log file (steps up to the checkpoint) or from the restarted worker (steps after it).
+    from mlflow import MlflowClient
+
+    history = MlflowClient(uri).get_metric_history(res.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert {m.step: m.value for m in history} == pytest.approx(ref_losses, rel=1e-6)
 
 
 def test_resume_continues_the_run_and_its_mlflow_run(reference, tmp_path):
