@@ -78,11 +78,12 @@ def read_parquet_parts(paths: list[str], filesystem, columns: list[str] | None =
     """``ray.data.read_parquet`` of known files through Ray's V1 Parquet reader.
 
     Ray 2.60's default reader (DataSourceV2) starts a pool of FooterReader actors (32 by default)
-    on every execution of the data set, to read the files' footers before reading them. Measured on
-    the 2-CPU test machine, reading the digits' 2 latent parts: 5.3-11 s per execution with V2,
-    0.36-1.2 s with V1 (``benchmarks/RESULTS.md``). A training run executes its data sets more
+    on every execution of the data set, to read the files' footers before reading them. On the
+    2-CPU test machine, 1,438 latent rows in 2 parts: 4.2-8.6 s per execution with V2, 0.26-0.94 s
+    with V1 (``benchmarks/data_start.py``, RESULTS.md). A training run executes its data sets more
     than once (validation, epochs that stream), and the manifest already names every part, so V2's
-    listing buys nothing here. V1 reads the same rows in the same order.
+    listing buys nothing here. V1 reads the same rows in the same order, in more blocks (8 for the
+    digits' 2 parts, where V2 made 1), so a seeded ``randomize_block_order`` permutes differently.
     """
     ctx = ray.data.DataContext.get_current()
     before = ctx.use_datasource_v2
@@ -142,7 +143,8 @@ class SplitById:
 
     It lives here, in a module that does not import torch, because Ray Data runs it in its own worker
     processes: a UDF whose module imports torch makes each fresh process spend seconds importing it
-    (the first validation pass of a DiT run took 13.7 s that way, 2.0 s after the move).
+    (the first execution of the validation split: 8.0 s that way, 1.3 s torch-free, in
+    ``benchmarks/data_start.py``).
     """
 
     def __init__(self, fraction: float, want_val: bool):

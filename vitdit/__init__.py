@@ -1,7 +1,7 @@
 """vitdit: Vision Transformers and Diffusion Transformers trained at cluster scale on Ray.
 
-The library package. It imports torch, diffusers, safetensors and numpy, never ray or mlflow
-(``tests/test_imports.py`` checks it). Ray stages live in ``pipelines``, entrypoints in ``jobs``.
+The library package. Its modules import torch, diffusers, safetensors and numpy, never ray or
+mlflow (``tests/test_imports.py`` checks it); ``import vitdit`` alone imports none of them. Ray stages live in ``pipelines``, entrypoints in ``jobs``.
 """
 
 from __future__ import annotations
