@@ -441,6 +441,18 @@ def _checkpoints_of_this_fit(output: str, preexisting: list[str]) -> list[str]:
     return [p for _, p in list_checkpoints(output) if os.path.basename(p) not in set(preexisting)]
 
 
+def _log_file_rows(path: str | None) -> Iterator[dict[str, Any]]:
+    """The rows of train_log.jsonl (none when there is no file), skipping a line cut by SIGKILL."""
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
 def _logged_rows(path: str | None, after: int, upto: int) -> list[tuple[int, dict[str, float]]]:
     """(step, metrics) rows of train_log.jsonl with ``after < step <= upto``, in file order.
 
@@ -448,35 +460,17 @@ def _logged_rows(path: str | None, after: int, upto: int) -> list[tuple[int, dic
     written synchronously, still has them. A run continued from a checkpoint at ``upto`` never
     re-does those steps, so they are sent to MLflow from here ("backfill").
     """
-    if not path or not os.path.exists(path) or upto <= after:
-        return []
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by SIGKILL
-                continue
-            step = int(row.pop("step", -1))
-            if after < step <= upto:
-                rows.append((step, {k: v for k, v in row.items() if isinstance(v, int | float)}))
+    for row in _log_file_rows(path) if upto > after else ():
+        step = int(row.pop("step", -1))
+        if after < step <= upto:
+            rows.append((step, {k: v for k, v in row.items() if isinstance(v, int | float)}))
     return rows
 
 
 def _last_step_in_log(path: str | None) -> int:
     """The highest train-metrics step in train_log.jsonl, -1 when none."""
-    if not path or not os.path.exists(path):
-        return -1
-    last = -1
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by SIGKILL
-                continue
-            if "train/loss" in row:
-                last = max(last, int(row["step"]))
-    return last
+    return max((int(row["step"]) for row in _log_file_rows(path) if "train/loss" in row), default=-1)
 
 
 def _pointed_checkpoint(ray_ckpt) -> str:
