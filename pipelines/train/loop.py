@@ -610,10 +610,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     val_batches = None
     if rank == 0 and loop_config.get("has_val", False):
         val_batches = _ValidationBatches(ray.train.get_dataset_shard("val"), micro, cfg.cache_rows)
-    # Rank 0 reads a small validation set and loads what the sample grid needs in the background
-    # while training starts, instead of stalling the first evaluation on them (a DiT run on the
-    # digits: the first evaluation took 8.2 s that way; the Ray Data start and the diffusers import
-    # are mostly waiting, which overlaps with training).
+    # Rank 0 reads a small validation set and imports what the sample grid needs in the background
+    # while training starts, instead of stalling the first evaluation on them. The digits DiT job
+    # test: the first evaluation took 8.2 s without this, 4.5-5.8 s with it (4 runs); the thread
+    # competes with the first steps for the CPU.
     warm_up = _start_warm_up(task, val_batches) if rank == 0 else None
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     use_autocast = precision == "bf16"
@@ -848,21 +848,11 @@ class _ValidationBatches:
         self.cached = keep
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.prefetch()  # a no-op after the warm-up thread's prefetch
         if self.cached is not None:
             yield from self.cached
-            return
-        keep: list[dict[str, torch.Tensor]] | None = None if self.too_big else []
-        rows = 0
-        for batch in self.shard.iter_torch_batches(batch_size=self.micro):
-            if keep is not None:
-                rows += len(next(iter(batch.values()))) if batch else 0
-                if rows > self.cache_rows:
-                    keep, self.too_big = None, True
-                else:
-                    keep.append(batch)
-            yield batch
-        if keep is not None:
-            self.cached = keep
+        else:
+            yield from self.shard.iter_torch_batches(batch_size=self.micro)
 
 
 def _evaluate(task, raw, ema, step, val_batches, autocast, use_autocast, logger, logged, log_path) -> None:
@@ -960,8 +950,9 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
     in_file = (
         _last_step_in_log(os.path.join(output, TRAIN_LOG_NAME)) if resume_dir and not is_uri(output) else -1
     )
-    in_mlflow = handle.last_logged_step() if reopen and run_id == reopen else -1
-    if in_mlflow is not None and reopen and run_id == reopen and not is_uri(output):
+    reopened = bool(reopen) and run_id == reopen
+    in_mlflow = handle.last_logged_step() if reopened else -1
+    if reopened and in_mlflow is not None and not is_uri(output):
         # Steps up to the checkpoint that the killed run's MLflow thread never sent: from the log.
         upto = int(resume_config.get("step") or 0)
         rows = _logged_rows(os.path.join(output, TRAIN_LOG_NAME), in_mlflow, upto)
