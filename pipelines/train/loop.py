@@ -789,7 +789,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         _write_json(_join(output, SUMMARY_NAME), summary)
         if logger is not None:
             logger.close()
-        log.info("rank 0 finished at step %d (finalize and MLflow flush: %.1f s)", step, time.perf_counter() - t_end)
+        log.info(
+            "rank 0 finished at step %d (finalize, MLflow flush: %.1f s)", step, time.perf_counter() - t_end
+        )
 
 
 def _start_warm_up(task: TrainTask, val_batches: _ValidationBatches | None) -> _Background:
