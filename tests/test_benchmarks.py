@@ -57,6 +57,27 @@ def test_train_step_benchmark_smoke():
     assert all(0 < r["frac_of_matmul"] for r in dit["rows"])
 
 
+def test_matmul_share_smoke_sees_the_same_matmuls_on_both_sides():
+    import contextlib
+    import io
+
+    from benchmarks.matmul_share import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["--smoke"]) == 0
+    result = _last_json(buf.getvalue())
+    # The same network on both sides: the ViTs' matmuls have equal FLOPs; diffusers' DiT recomputes
+    # the timestep/class embedding MLP in every block (its own weights there), a little more.
+    assert result["vit"]["matmul_flops_ratio"] == 1.0
+    assert 0.9 < result["dit"]["matmul_flops_ratio"] < 1.0
+    for part, peer in (("dit", "diffusers"), ("vit", "transformers")):
+        for side in ("vitdit", peer):
+            row = result[part][side]
+            assert row["matmul_calls"] > 0 and 0 < row["matmul_share"] < 1
+        assert result[part]["ceiling_vs_peer"] > 1
+
+
 def test_pairs_run_back_to_back_and_same_setting_ratios_are_paired_per_round():
     sys.path.insert(0, ROOT)
     from benchmarks.gpu import _paired_order, ratios
