@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -196,6 +197,35 @@ def set_peer_attention(peer: nn.Module, attn: str) -> None:
             m.set_processor(AttnProcessor() if attn == "math" else AttnProcessor2_0())
 
 
+def dit_train_step(name: str, batch: int, device: torch.device, s: dict) -> Callable[[], None]:
+    """One DiT training step on random data at setting ``s`` {side, precision, compile, attn}."""
+    from vitdit.models import get_preset
+    from vitdit.models.layers import set_attn_impl
+
+    c = get_preset(name)
+    side = s["side"]
+    torch.manual_seed(0)
+    model = build_dit(side, name, device)
+    if side == "vitdit":
+        set_attn_impl(model, s["attn"])
+    else:
+        set_peer_attention(model, s["attn"])
+    model.train()
+    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    target = torch.randn(batch, c.in_channels * (2 if c.learn_sigma else 1), c.input_size, c.input_size,
+                         device=device)  # fmt: skip
+    if s["compile"]:
+        blocks = model.blocks if side == "vitdit" else model.transformer_blocks
+        apply_compile(model, blocks, s.get("scope", "blocks"))
+    if side == "vitdit":
+        fwd = lambda: model(x, t, y)  # noqa: E731
+    else:
+        fwd = lambda: model(hidden_states=x, timestep=t, class_labels=y).sample  # noqa: E731
+    return train_step_fn(model, fwd, target, device, s["precision"])
+
+
 def bench_dit(
     name: str,
     batch: int,
@@ -204,38 +234,13 @@ def bench_dit(
     warmup: int,
     iters: int,
     rounds: int = 1,
+    inspect: Callable[[Callable[[], None]], dict] | None = None,
 ) -> list[dict]:
     """images/s of one training step for each setting {side, precision, compile, attn}."""
-    from vitdit.models import get_preset
-    from vitdit.models.layers import set_attn_impl
-
-    c, macs = get_preset(name), forward_macs(name)
-
-    def make(s: dict) -> Callable[[], None]:
-        side = s["side"]
-        torch.manual_seed(0)
-        model = build_dit(side, name, device)
-        if side == "vitdit":
-            set_attn_impl(model, s["attn"])
-        else:
-            set_peer_attention(model, s["attn"])
-        model.train()
-        x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        y = torch.randint(0, c.num_classes, (batch,), device=device)
-        target = torch.randn(batch, c.in_channels * (2 if c.learn_sigma else 1), c.input_size, c.input_size,
-                             device=device)  # fmt: skip
-        if s["compile"]:
-            blocks = model.blocks if side == "vitdit" else model.transformer_blocks
-            apply_compile(model, blocks, s.get("scope", "blocks"))
-        if side == "vitdit":
-            fwd = lambda m=model, x=x, t=t, y=y: m(x, t, y)
-        else:
-            fwd = lambda m=model, x=x, t=t, y=y: m(hidden_states=x, timestep=t, class_labels=y).sample
-        return train_step_fn(model, fwd, target, device, s["precision"])
-
+    make = functools.partial(dit_train_step, name, batch, device)
     ordered = [s for side in ("vitdit", "diffusers") for s in settings if s["side"] == side]
-    return run_settings(name, batch, device, ordered, make, 6.0 * macs, warmup, iters, rounds)
+    return run_settings(name, batch, device, ordered, make, 6.0 * forward_macs(name), warmup, iters, rounds,
+                        inspect)  # fmt: skip
 
 
 def run_settings(
@@ -248,8 +253,10 @@ def run_settings(
     warmup: int,
     iters: int,
     rounds: int,
+    inspect: Callable[[Callable[[], None]], dict] | None = None,
 ) -> list[dict]:
-    """Time one training step per setting.
+    """Time one training step per setting; ``inspect(step)``, when given, adds its keys to the row
+    (after the timing, e.g. a profile).
 
     rounds == 1: one setting after another, each freed before the next (GPU-sized models).
     rounds > 1: every setting is built and warmed first, then timed round-robin ``rounds`` times
@@ -278,6 +285,8 @@ def run_settings(
             if s.get("profile"):
                 profile_step(step, device, f"{model_name} {s}")
             rows.append(row(s, sec, time.perf_counter() - t0))
+            if inspect is not None:
+                rows[-1].update(inspect(step))
             del step
             gc.collect()
             if device.type == "cuda":
@@ -304,6 +313,8 @@ def run_settings(
     for i, s in enumerate(settings):
         ts = sorted(times[i])
         rows.append(row(s, ts[len(ts) // 2], walls[i], times[i]))
+        if inspect is not None:
+            rows[-1].update(inspect(steps[i]))
         print(json.dumps({"progress": rows[-1]}), flush=True)
     return rows
 
@@ -369,6 +380,7 @@ def bench_vit(
     iters: int,
     image_size: int | None,
     rounds: int = 1,
+    inspect: Callable[[Callable[[], None]], dict] | None = None,
 ) -> list[dict]:
     from vitdit.models import create_model
     from vitdit.models.layers import set_attn_impl
@@ -397,7 +409,7 @@ def bench_vit(
         return train_step_fn(model, lambda m=model, x=x: m(x), None, device, s["precision"], labels=labels)
 
     return run_settings(
-        f"{name}@{c.image_size}", batch, device, settings, make, 6.0 * macs, warmup, iters, rounds
+        f"{name}@{c.image_size}", batch, device, settings, make, 6.0 * macs, warmup, iters, rounds, inspect
     )
 
 

@@ -7,9 +7,9 @@ Runbook (from the repo root; ~3-6 minutes on 2 cores, most of it compiling)::
     .venv/bin/python benchmarks/matmul_share.py --smoke         # tiny presets, eager (the tests)
 
 Both sides at their fastest CPU setting in ``benchmarks/train_step.py`` (bf16 autocast,
-matmul-softmax-matmul attention, ``torch.compile`` per block, fused AdamW). Each step is timed
-without the profiler, the two sides alternating (``--rounds`` rounds of ``--iters`` steps, the
-median over rounds; this machine's speed drifts within minutes), then profiled: the self time of the matrix
+matmul-softmax-matmul attention, ``torch.compile`` per block, fused AdamW), built and timed by the
+same code (``benchmarks/gpu.py``: the two sides alternate, ``--rounds`` rounds of ``--iters``
+steps, median over rounds; this machine's speed drifts within minutes). Then each is profiled: the self time of the matrix
 multiplications (``aten::mm``, ``addmm``, ``bmm``, ``baddbmm`` and oneDNN's linear) and the FLOPs of
 their recorded shapes are summed per step.
 
@@ -24,6 +24,7 @@ stdout is the whole result as JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -34,15 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu import (  # noqa: E402
-    HFViTClassifier,
-    apply_compile,
-    build_dit,
-    set_peer_attention,
-    time_step,
-    train_step_fn,
-    transformers_available,
-)
+from benchmarks.gpu import bench_dit, bench_vit, transformers_available  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
@@ -84,76 +77,12 @@ def profile_matmuls(step: Callable[[], None], steps: int) -> dict:
     return {"matmul_sec": us / 1e6 / steps, "matmul_flops": flops / steps, "matmul_calls": calls // steps}
 
 
-def dit_step(side: str, name: str, batch: int, compile_: bool) -> Callable[[], None]:
-    from vitdit.models import get_preset
-    from vitdit.models.layers import set_attn_impl
-
-    c = get_preset(name)
-    torch.manual_seed(0)
-    model = build_dit(side, name, torch.device("cpu"))
-    if side == "vitdit":
-        set_attn_impl(model, "math")
-    else:
-        set_peer_attention(model, "math")
-    model.train()
-    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size)
-    t = torch.randint(0, 1000, (batch,))
-    y = torch.randint(0, c.num_classes, (batch,))
-    target = torch.randn(batch, c.in_channels * (2 if c.learn_sigma else 1), c.input_size, c.input_size)
-    if compile_:
-        apply_compile(model, model.blocks if side == "vitdit" else model.transformer_blocks, "blocks")
-    if side == "vitdit":
-        fwd = lambda: model(x, t, y)  # noqa: E731
-    else:
-        fwd = lambda: model(hidden_states=x, timestep=t, class_labels=y).sample  # noqa: E731
-    return train_step_fn(model, fwd, target, torch.device("cpu"), "bf16")
-
-
-def vit_step(side: str, name: str, batch: int, size: int | None, compile_: bool) -> Callable[[], None]:
-    from vitdit.models import create_model
-    from vitdit.models.layers import set_attn_impl
-
-    overrides = {"image_size": size} if size else {}
-    torch.manual_seed(0)
-    if side == "vitdit":
-        model = set_attn_impl(create_model(name, **overrides), "math")
-        blocks = model.blocks
-        c = model.config
-    else:
-        c = create_model(name, **overrides).config
-        model = HFViTClassifier(c, "math")
-        blocks = model.vit.layers if hasattr(model.vit, "layers") else model.vit.encoder.layer
-    model.train()
-    x = torch.randn(batch, c.in_chans, c.image_size, c.image_size)
-    labels = torch.randint(0, c.num_classes, (batch,))
-    if compile_:
-        apply_compile(model, blocks, "blocks")
-    return train_step_fn(model, lambda: model(x), None, torch.device("cpu"), "bf16", labels=labels)
-
-
-def measure(makers: dict[str, Callable[[], Callable[[], None]]], args) -> dict[str, dict]:
-    """Build and warm every side, time them alternately (median over rounds), then profile each."""
-    cpu = torch.device("cpu")
-    steps = {}
-    for label, make in makers.items():
-        steps[label] = make()
-        time_step(steps[label], cpu, args.warmup, 0)  # warm-up and compilation
-    rounds: dict[str, list[float]] = {label: [] for label in steps}
-    labels = list(steps)
-    for r in range(args.rounds):
-        for label in labels if r % 2 == 0 else labels[::-1]:
-            rounds[label].append(time_step(steps[label], cpu, 0, args.iters))
-    rows = {}
-    for label, step in steps.items():
-        times = sorted(rounds[label])
-        sec = times[len(times) // 2]
-        row = {"label": label, "sec_per_step": sec, "round_sec_per_step": rounds[label],
-               **profile_matmuls(step, args.profile_steps)}  # fmt: skip
-        row["matmul_share"] = row["matmul_sec"] / sec
+def add_shares(rows: list[dict]) -> dict[str, dict]:
+    """Rows by side, with the matmul share of the step and the matmuls' achieved TFLOP/s."""
+    for row in rows:
+        row["matmul_share"] = row["matmul_sec"] / row["sec_per_step"]
         row["matmul_tflops"] = row["matmul_flops"] / row["matmul_sec"] / 1e12 if row["matmul_sec"] else 0.0
-        print(json.dumps({"progress": row}), flush=True)
-        rows[label] = row
-    return rows
+    return {row["side"]: row for row in rows}
 
 
 def compare(ours: dict, peer: dict) -> dict:
@@ -176,35 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    dit_name, dit_batch, vit_name, vit_batch, vit_size, compile_ = "DiT-S/2", 8, "ViT-S/16", 8, None, True
+    dit_name, dit_batch, vit_name, vit_batch, compile_ = "DiT-S/2", 8, "ViT-S/16", 8, True
     if args.smoke:
-        dit_name, dit_batch, vit_name, vit_batch, vit_size, compile_ = (
-            "DiT-test/2",
-            2,
-            "ViT-test/4",
-            2,
-            None,
-            False,
-        )
+        dit_name, dit_batch, vit_name, vit_batch, compile_ = "DiT-test/2", 2, "ViT-test/4", 2, False
         args.warmup, args.iters, args.rounds, args.profile_steps = 1, 1, 1, 1
     result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "smoke": args.smoke,
                     "setting": f"bf16 autocast, math attention, compile={compile_}, fused AdamW"}  # fmt: skip
-    dit = measure(
-        {
-            side: (lambda s=side: dit_step(s, dit_name, dit_batch, compile_))
-            for side in ("vitdit", "diffusers")
-        },
-        args,
-    )
+    cpu = torch.device("cpu")
+    inspect = functools.partial(profile_matmuls, steps=args.profile_steps)
+
+    def settings(peer: str) -> list[dict]:
+        return [
+            {"side": s, "precision": "bf16", "compile": compile_, "attn": "math"} for s in ("vitdit", peer)
+        ]
+
+    dit = add_shares(bench_dit(dit_name, dit_batch, cpu, settings("diffusers"), args.warmup, args.iters,
+                               rounds=args.rounds, inspect=inspect))  # fmt: skip
     result["dit"] = {**dit, **compare(dit["vitdit"], dit["diffusers"])}
     if transformers_available():
-        vit = measure(
-            {
-                side: (lambda s=side: vit_step(s, vit_name, vit_batch, vit_size, compile_))
-                for side in ("vitdit", "transformers")
-            },
-            args,
-        )
+        vit = add_shares(bench_vit(vit_name, vit_batch, cpu, settings("transformers"), args.warmup, args.iters,
+                                   None, rounds=args.rounds, inspect=inspect))  # fmt: skip
         result["vit"] = {**vit, **compare(vit["vitdit"], vit["transformers"])}
     if args.json_out:
         with open(args.json_out, "w") as f:
