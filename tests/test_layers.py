@@ -85,3 +85,26 @@ def test_set_attn_impl_switches_a_whole_dit():
     assert torch.allclose(outs["sdpa"], outs["math"], atol=1e-5)
     assert torch.allclose(grads["sdpa"], grads["math"], atol=1e-5)
     assert grads["sdpa"].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_tanh_gelu_is_the_same_function(dtype):
+    """Under torch.compile gelu_tanh is written through sigmoid (faster on CPU); it must stay
+    ``F.gelu(approximate="tanh")`` in value and gradient. fp32: round-off only (observed ~5e-7);
+    bf16 output: at most one bf16 rounding apart (2^-8 relative)."""
+    from vitdit.models.layers import TanhGELU, gelu_tanh
+
+    x = (torch.randn(64, 48) * 3).to(dtype)
+    compiled = torch.compile(gelu_tanh, backend="inductor", fullgraph=True)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya = compiled(xa)
+    yb = torch.nn.functional.gelu(xb, approximate="tanh")
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert ya.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    assert _rel(ya, yb) < tol
+    assert _rel(xa.grad, xb.grad) < tol
+    # Eager runs aten's kernel itself, bit for bit.
+    assert torch.equal(TanhGELU()(x), torch.nn.functional.gelu(x, approximate="tanh"))
