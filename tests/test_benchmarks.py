@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,9 +68,16 @@ def test_matmul_share_smoke_sees_the_same_matmuls_on_both_sides():
     with contextlib.redirect_stdout(buf):
         assert main(["--smoke"]) == 0
     result = _last_json(buf.getvalue())
-    # The same network on both sides: the ViTs' matmuls have equal FLOPs; diffusers' DiT recomputes
-    # the timestep/class embedding MLP in every block (its own weights there), a little more.
-    assert result["vit"]["matmul_flops_ratio"] == 1.0
+    # The same network on both sides. vitdit's ViT computes only [cls] in its last block (the only
+    # token the head reads), so its matmul FLOPs are the forward_macs ratio of the two paths (its patch
+    # embedding is also a matmul here, where the peer's is a convolution the count leaves out: +2.5% for
+    # this tiny model); diffusers' DiT recomputes the timestep/class embedding MLP in every block.
+    from vitdit.models import create_model
+
+    with torch.device("meta"):
+        vit = create_model("ViT-test/4")
+    fewer = vit.forward_macs() / vit.forward_macs(all_tokens=True)  # 0.62 for this depth-2 model
+    assert result["vit"]["matmul_flops_ratio"] == pytest.approx(fewer, rel=0.05)
     assert 0.9 < result["dit"]["matmul_flops_ratio"] < 1.0
     for part, peer in (("dit", "diffusers"), ("vit", "transformers")):
         for side in ("vitdit", peer):

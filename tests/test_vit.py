@@ -80,8 +80,29 @@ def test_parameter_counts_of_paper_sizes(name, params_m):
 
 def test_forward_macs_of_b16_at_224():
     # 17.6 GMACs is the commonly quoted ViT-B/16 cost at 224 px (timm/fvcore count MACs as "FLOPs").
-    assert meta_vit("ViT-B/16").forward_macs() / 1e9 == pytest.approx(17.56, abs=0.01)
-    assert meta_vit("ViT-L/16").forward_macs() / 1e9 == pytest.approx(61.6, rel=0.01)
+    assert meta_vit("ViT-B/16").forward_macs(all_tokens=True) / 1e9 == pytest.approx(17.56, abs=0.01)
+    assert meta_vit("ViT-L/16").forward_macs(all_tokens=True) / 1e9 == pytest.approx(61.6, rel=0.01)
+    # forward computes only [cls] in the last block: 1/12 of the blocks, less that block's k and v.
+    assert meta_vit("ViT-B/16").forward_macs() / 1e9 == pytest.approx(16.35, abs=0.01)
+
+
+@pytest.mark.parametrize("config", [TINY, ODD], ids=["test", "odd"])
+def test_forward_is_the_head_of_forward_features(config):
+    """forward's last block computes only [cls]: the same logits and gradients as the full path."""
+    torch.manual_seed(0)
+    model = randomized(config)
+    x = torch.randn(3, 3, config.image_size, config.image_size)
+    g = torch.randn(3, config.num_classes)
+    grads = []
+    for run in (model, lambda im: model.forward_head(model.forward_features(im))):
+        model.zero_grad()
+        out = run(x)
+        out.backward(g)
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (a, ga), (b, gb) = grads
+    assert a.shape == (3, config.num_classes)
+    assert rel_err(a, b) <= 1e-5
+    assert len(ga) == len(gb) and all(rel_err(u, v) <= 1e-4 for u, v in zip(ga, gb))
 
 
 @pytest.mark.parametrize("config", [TINY, ODD], ids=["test", "odd"])
@@ -99,7 +120,8 @@ def test_forward_macs_match_torch_flop_counter(config):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     n, d = 1 + config.num_patches, config.embed_dim
-    assert counter.get_total_flops() == 2 * 2 * (model.forward_macs() - config.depth * 2 * n * n * d)
+    missed = (config.depth - 1) * 2 * n * n * d + 2 * n * d  # the last block: one query row
+    assert counter.get_total_flops() == 2 * 2 * (model.forward_macs() - missed)
 
 
 @pytest.mark.parametrize("config", [TINY, ODD], ids=["test-16px", "odd-24px-tanh-head"])

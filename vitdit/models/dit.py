@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from vitdit.errors import VitditError
-from vitdit.models.layers import Attention, Mlp, attention, attention_macs, mlp_macs
+from vitdit.models.layers import Attention, Mlp, attention, attention_macs, mlp_macs, patch_tokens
 
 CONDITIONINGS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
 
@@ -165,8 +165,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # B, D, H/p, W/p
-        return x.flatten(2).transpose(1, 2)  # B, T, D (row-major patches)
+        return patch_tokens(x, self.proj)  # B, N, D (row-major patches; a matmul, see patch_tokens)
 
 
 class TimestepEmbedder(nn.Module):
