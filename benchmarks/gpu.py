@@ -249,14 +249,15 @@ def run_settings(
     device: torch.device,
     settings: list[dict],
     make: Callable[[dict], Callable[[], None]],
-    train_flops_per_img: float,
+    train_flops_per_img: float | dict[str, float],
     warmup: int,
     iters: int,
     rounds: int,
     inspect: Callable[[Callable[[], None]], dict] | None = None,
 ) -> list[dict]:
     """Time one training step per setting; ``inspect(step)``, when given, adds its keys to the row
-    (after the timing, e.g. a profile).
+    (after the timing, e.g. a profile). ``train_flops_per_img`` is one number, or one per side where
+    the two sides' networks do different work (vitdit's ViT computes only [cls] in its last block).
 
     rounds == 1: one setting after another, each freed before the next (GPU-sized models).
     rounds > 1: every setting is built and warmed first, then timed round-robin ``rounds`` times
@@ -269,7 +270,9 @@ def run_settings(
         r = {
             "model": model_name, "side": s["side"], "precision": s["precision"], "compile": s["compile"],
             "attn": s["attn"], "batch": batch, "sec_per_step": sec, "img_per_s": batch / sec,
-            "train_flops_per_img": train_flops_per_img, "wall_s": wall,
+            "train_flops_per_img": (
+                train_flops_per_img[s["side"]] if isinstance(train_flops_per_img, dict) else train_flops_per_img
+            ), "wall_s": wall,
         }  # fmt: skip
         if rounds_sec is not None:  # round-robin: each round's time, and the slowest/fastest as img/s
             r["round_sec_per_step"] = rounds_sec
@@ -389,7 +392,9 @@ def bench_vit(
         settings = [s for s in settings if s["side"] != "transformers"]
     overrides = {"image_size": image_size} if image_size else {}
     probe = create_model(name, **overrides)
-    c, macs = probe.config, probe.forward_macs()
+    c = probe.config
+    # vitdit's forward computes only [cls] in the last block; the peer computes every token there.
+    flops = {"vitdit": 6.0 * probe.forward_macs(), "transformers": 6.0 * probe.forward_macs(all_tokens=True)}
     del probe
 
     def make(s: dict) -> Callable[[], None]:
@@ -409,7 +414,7 @@ def bench_vit(
         return train_step_fn(model, lambda m=model, x=x: m(x), None, device, s["precision"], labels=labels)
 
     return run_settings(
-        f"{name}@{c.image_size}", batch, device, settings, make, 6.0 * macs, warmup, iters, rounds, inspect
+        f"{name}@{c.image_size}", batch, device, settings, make, flops, warmup, iters, rounds, inspect
     )
 
 

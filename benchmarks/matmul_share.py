@@ -13,8 +13,10 @@ steps, median over rounds; this machine's speed drifts within minutes). Then eac
 multiplications (``aten::mm``, ``addmm``, ``bmm``, ``baddbmm`` and oneDNN's linear) and the FLOPs of
 their recorded shapes are summed per step.
 
-Why: the two implementations run the same network, so their matrix multiplications have the same
-FLOPs (checked here from the shapes) and run in the same aten/oneDNN kernels. A step can go no faster
+Why: the two implementations run the same network, so their matrix multiplications have nearly the
+same FLOPs (checked here from the shapes: vitdit's ViT does ~7% fewer, computing only [cls] in its last
+block, and diffusers' DiT a little more, recomputing the conditioning MLP per block) and run in the
+same aten/oneDNN kernels. A step can go no faster
 than its matmuls, so vitdit's step time is at least its own matmul time, and its speed-up over the
 peer is at most ``peer step time / vitdit matmul time`` (``ceiling_vs_peer``), whatever is done to the
 rest of the step (the non-matmul work that compilation and fusion can shrink). The last line of
