@@ -107,11 +107,13 @@ def patch_tokens(x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
     The same function as the convolution (its weight (D, C, p, p) flattens in the patch's (C, p, p)
     order), computed as a matmul: on CPU under bf16 autocast, forward and weight gradient of ViT-S/16's
     patch embedding (batch 8, 224 px) took ~4 ms against ~16 ms through oneDNN's convolution.
-    Sizes that are not multiples of p take the convolution, which drops the remainder.
+    Sizes that are not multiples of p (and any other kind of convolution) take the convolution, which
+    drops the remainder.
     """
     p = proj.stride[0]
     B, C, H, W = x.shape
-    if proj.kernel_size != proj.stride or H % p or W % p:
+    plain = proj.kernel_size == proj.stride and proj.padding in ((0, 0), "valid") and proj.groups == 1
+    if not plain or proj.dilation != (1, 1) or H % p or W % p:
         return proj(x).flatten(2).transpose(1, 2)
     gh, gw = H // p, W // p
     patches = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)

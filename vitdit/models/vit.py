@@ -257,12 +257,13 @@ class ViT(nn.Module):
         c = self.config
         tokens = 1 + c.num_patches
         macs = c.num_patches * c.embed_dim * c.in_chans * c.patch_size**2  # patch embedding
-        full_blocks = c.depth if all_tokens else c.depth - 1
-        macs += full_blocks * (
+        cls_only_last = c.depth > 0 and not all_tokens  # the last block computes only [cls] (see forward)
+        macs += (c.depth - cls_only_last) * (
             attention_macs(tokens, c.embed_dim) + mlp_macs(tokens, c.embed_dim, c.mlp_hidden_dim)
         )
-        if not all_tokens:  # the last block computes only the [cls] token (see forward)
-            macs += attention_macs(tokens, c.embed_dim, num_queries=1) + mlp_macs(1, c.embed_dim, c.mlp_hidden_dim)
+        if cls_only_last:
+            macs += attention_macs(tokens, c.embed_dim, num_queries=1)
+            macs += mlp_macs(1, c.embed_dim, c.mlp_hidden_dim)
         if c.representation_size:
             macs += c.embed_dim * c.representation_size
         macs += self.num_features * c.num_classes
