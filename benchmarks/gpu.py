@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import gc
 import json
@@ -48,6 +49,37 @@ def table_peak(device: torch.device) -> tuple[str, float | None]:
     name = torch.cuda.get_device_name(device)
     tflops = gpu_peak_tflops(name, "bf16")  # H100/H200 SXM: 989.4 dense bf16
     return name, tflops * 1e12 if tflops else None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process (CPU benchmarks); True where it took.
+
+    PyTorch's CPU allocator returns each step's activations to malloc. With glibc's defaults, large
+    blocks are mmap-ed and unmapped again, or trimmed off the heap, so the next step faults every page
+    back in: 53-56 thousand minor faults per DiT-S/2 step (batch 8, bf16, compiled) with both sides'
+    models in one process, ~10 thousand with one model alone, 0 with this; 0.13-0.16 s of system
+    time per step before. How many depends on the heap's history, i.e. on the other side's
+    allocations, so a paired benchmark would charge one side for the other's fragmentation. With a
+    1 GiB mmap threshold and no trimming the process keeps its peak and stops faulting. Not applied
+    to training: an RSS that never shrinks is the wrong default for a long job's worker.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def sync(device: torch.device) -> None:
@@ -266,13 +298,15 @@ def run_settings(
     machine the load then falls on every setting alike instead of on whichever ran last.
     """
 
-    def row(s: dict, sec: float, wall: float, rounds_sec: list[float] | None = None) -> dict:
+    def row(
+        s: dict, sec: float, wall: float, rounds_sec: list[float] | None = None, faults: float = 0
+    ) -> dict:
         r = {
             "model": model_name, "side": s["side"], "precision": s["precision"], "compile": s["compile"],
             "attn": s["attn"], "batch": batch, "sec_per_step": sec, "img_per_s": batch / sec,
             "train_flops_per_img": (
                 train_flops_per_img[s["side"]] if isinstance(train_flops_per_img, dict) else train_flops_per_img
-            ), "wall_s": wall,
+            ), "wall_s": wall, "minor_faults_per_step": faults,
         }  # fmt: skip
         if rounds_sec is not None:  # round-robin: each round's time, and the slowest/fastest as img/s
             r["round_sec_per_step"] = rounds_sec
@@ -284,10 +318,13 @@ def run_settings(
         for s in settings:
             t0 = time.perf_counter()
             step = make(s)
-            sec = time_step(step, device, warmup, iters)
+            time_step(step, device, warmup, 0)
+            f0 = minor_faults()
+            sec = time_step(step, device, 0, iters)
+            faults = (minor_faults() - f0) / max(iters, 1)
             if s.get("profile"):
                 profile_step(step, device, f"{model_name} {s}")
-            rows.append(row(s, sec, time.perf_counter() - t0))
+            rows.append(row(s, sec, time.perf_counter() - t0, faults=faults))
             if inspect is not None:
                 rows[-1].update(inspect(step))
             del step
@@ -305,17 +342,19 @@ def run_settings(
         walls.append(time.perf_counter() - t0)
         print(json.dumps({"progress": {"built": s, "wall_s": walls[-1]}}), flush=True)
     times: list[list[float]] = [[] for _ in settings]  # seconds per step, one entry per round
+    faults = [0] * len(settings)
     order = _paired_order(settings)
     for rnd in range(rounds):
         for i in order if rnd % 2 == 0 else order[::-1]:
             step = steps[i]
-            t0 = time.perf_counter()
+            t0, f0 = time.perf_counter(), minor_faults()
             sec = time_step(step, device, 0, iters)
+            faults[i] += minor_faults() - f0
             times[i].append(sec)
             walls[i] += time.perf_counter() - t0
     for i, s in enumerate(settings):
         ts = sorted(times[i])
-        rows.append(row(s, ts[len(ts) // 2], walls[i], times[i]))
+        rows.append(row(s, ts[len(ts) // 2], walls[i], times[i], faults[i] / (rounds * max(iters, 1))))
         if inspect is not None:
             rows[-1].update(inspect(steps[i]))
         print(json.dumps({"progress": rows[-1]}), flush=True)
@@ -473,6 +512,10 @@ def add_mfu(rows: list[dict], peaks: dict[str, float | None]) -> None:
 def ratios(rows: list[dict], ours: str, peer: str) -> dict:
     """(a) same settings, both eager (round-robin runs: median of per-round ratios); (b) each side's best.
 
+    ``best_vs_best`` is the ratio of the two best rows' medians; ``best_vs_best_per_round`` (round-robin
+    runs) the median, min and max over rounds of that pair's ratio within a round, which shows how
+    far the machine's drift moves it.
+
     ``best_vs_peer_default`` also compares against the peer's best row at its default attention
     ("sdpa": diffusers' ``AttnProcessor2_0``, transformers' ``attn_implementation="sdpa"``), i.e.
     the peer with only precision and compile varied; ``best_vs_best`` lets the peer switch to its
@@ -493,6 +536,10 @@ def ratios(rows: list[dict], ours: str, peer: str) -> dict:
     best_peer = max((r for r in rows if r["side"] == peer), key=lambda r: r["img_per_s"], default=None)
     if best_ours and best_peer:
         out["best_vs_best"] = best_ours["img_per_s"] / best_peer["img_per_s"]
+        ra, rb = best_ours.get("round_sec_per_step"), best_peer.get("round_sec_per_step")
+        if ra and rb and len(ra) == len(rb):  # the two best rows timed in the same rounds
+            pair = sorted(tb / ta for ta, tb in zip(ra, rb))
+            out["best_vs_best_per_round"] = {"median": pair[len(pair) // 2], "min": pair[0], "max": pair[-1]}
         out["best_ours"] = {k: best_ours[k] for k in ("precision", "compile", "attn", "img_per_s")}
         out["best_peer"] = {k: best_peer[k] for k in ("precision", "compile", "attn", "img_per_s")}
         default_peer = max(

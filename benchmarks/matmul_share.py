@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu import bench_dit, bench_vit, transformers_available  # noqa: E402
+from benchmarks.gpu import bench_dit, bench_vit, keep_freed_memory, transformers_available  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
@@ -104,14 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--keep-heap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc keeps freed memory (no page faults from the other side's heap history)",
+    )
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
+    kept = keep_freed_memory() if args.keep_heap else False
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     dit_name, dit_batch, vit_name, vit_batch, compile_ = "DiT-S/2", 8, "ViT-S/16", 8, True
     if args.smoke:
         dit_name, dit_batch, vit_name, vit_batch, compile_ = "DiT-test/2", 2, "ViT-test/4", 2, False
         args.warmup, args.iters, args.rounds, args.profile_steps = 1, 1, 1, 1
-    result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "smoke": args.smoke,
+    result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "smoke": args.smoke, "keep_heap": kept,
                     "setting": f"bf16 autocast, math attention, compile={compile_}, fused AdamW"}  # fmt: skip
     cpu = torch.device("cpu")
     inspect = functools.partial(profile_matmuls, steps=args.profile_steps)

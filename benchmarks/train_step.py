@@ -27,6 +27,10 @@ process, reversed to 0.76×). Reported ratios:
 Both sides step a fused AdamW (as vitdit's trainer does; 27 ms instead of 119 ms per step for 32M
 parameters here), so the optimizer adds the same to either side.
 
+The process keeps freed memory (``--keep-heap``, glibc's mallopt; ``--no-keep-heap`` to compare):
+with malloc's defaults, a step faults tens of thousands of pages back in, more or fewer depending on
+what the other side allocated before it. Each row records its minor page faults per step.
+
 Achieved FLOP/s (6 × forward MACs per image) is shown as a share of a 4096³ matmul measured in the
 same run at the row's precision. The last line of stdout is the whole result as JSON.
 """
@@ -48,6 +52,7 @@ from benchmarks.gpu import (  # noqa: E402
     add_mfu,
     bench_dit,
     bench_vit,
+    keep_freed_memory,
     measure_matmul,
     ratios,
     transformers_available,
@@ -105,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="include torch.compile rows (bf16, math attention)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
+                    help="glibc keeps freed memory, so no step pays page faults for the other side's "
+                         "heap history (benchmarks.gpu.keep_freed_memory)")  # fmt: skip
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
+    kept = keep_freed_memory() if args.keep_heap else False
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device("cpu")
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": args.smoke,
         "rounds": args.rounds,
         "iters_per_round": args.iters,
+        "keep_heap": kept,
         "note": "shared machine: other processes may run at the same time; numbers are noisy",
     }
     peaks = {

@@ -45,8 +45,9 @@ def test_train_step_benchmark_smoke():
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["--smoke"]) == 0
+        assert main(["--smoke", "--no-keep-heap"]) == 0  # mallopt would outlive the test in this process
     result = _last_json(buf.getvalue())
+    assert result["keep_heap"] is False
     dit = result["dit"]
     settings = {(r["side"], r["precision"], r["attn"]) for r in dit["rows"]}
     assert settings == {
@@ -56,6 +57,9 @@ def test_train_step_benchmark_smoke():
     assert {"same_fp32_sdpa_eager", "same_bf16_math_eager", "best_vs_best"} <= set(dit["ratios"])
     assert {"same_fp32_sdpa_eager", "best_vs_best"} <= set(result["vit"]["ratios"])
     assert all(0 < r["frac_of_matmul"] for r in dit["rows"])
+    assert all(r["minor_faults_per_step"] >= 0 for r in dit["rows"])
+    per_round = dit["ratios"]["best_vs_best_per_round"]  # smoke: 2 rounds
+    assert per_round["min"] <= per_round["median"] <= per_round["max"]
 
 
 def test_matmul_share_smoke_sees_the_same_matmuls_on_both_sides():
@@ -66,7 +70,7 @@ def test_matmul_share_smoke_sees_the_same_matmuls_on_both_sides():
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["--smoke"]) == 0
+        assert main(["--smoke", "--no-keep-heap"]) == 0
     result = _last_json(buf.getvalue())
     # The same network on both sides. vitdit's ViT computes only [cls] in its last block (the only
     # token the head reads), so its matmul FLOPs are the forward_macs ratio of the two paths (its patch
@@ -107,6 +111,35 @@ def test_pairs_run_back_to_back_and_same_setting_ratios_are_paired_per_round():
     out = ratios(rows, "ours", "peer")
     assert out["same_fp32_math_eager"] == 1.0
     assert out["best_vs_best"] == 1 / 3  # best vs best stays a ratio of medians
+    assert out["best_vs_best_per_round"] == {"median": 1.0, "min": 1 / 3, "max": 1.0}
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_repeated_large_allocations():
+    # A fresh process per mode: mallopt lasts for the process. A training step's pattern in small:
+    # tensors of 16-64 MiB allocated and freed, over and over. glibc by default maps and unmaps (or
+    # trims) them, so each round faults ~28,000 pages of 4 KiB back in; kept, the heap settles within
+    # a few rounds and stops faulting (the median round is compared: a settling round may still fault).
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); from benchmarks.gpu import keep_freed_memory, "
+        "minor_faults\n"
+        "kept = keep_freed_memory() if sys.argv[2] == '1' else False\n"
+        "faults = []\n"
+        "for _ in range(12):\n"
+        "    f0 = minor_faults()\n"
+        "    a = torch.ones(1 << 22); b = torch.ones(1 << 24); del a; c = torch.ones(1 << 23); del b, c\n"
+        "    faults.append(minor_faults() - f0)\n"
+        "print(kept, sorted(faults[4:])[4])\n"  # the median round once the heap has had 4 rounds
+    )
+    out = {}
+    for mode in ("0", "1"):
+        res = subprocess.run(
+            [sys.executable, "-c", code, ROOT, mode], capture_output=True, text=True, check=True
+        )
+        kept, faults = res.stdout.split()
+        out[mode] = (kept == "True", float(faults))
+    assert out["0"][0] is False and out["1"][0] is True
+    assert out["0"][1] > 10_000
+    assert out["1"][1] < 0.1 * out["0"][1]
 
 
 @pytest.mark.slow
