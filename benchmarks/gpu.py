@@ -57,7 +57,7 @@ def keep_freed_memory() -> bool:
     PyTorch's CPU allocator returns each step's activations to malloc. With glibc's defaults, large
     blocks are mmap-ed and unmapped again, or trimmed off the heap, so the next step faults every page
     back in: 53-56 thousand minor faults per DiT-S/2 step (batch 8, bf16, compiled) with both sides'
-    models in one process, ~10 thousand with one model alone, 0 with this; 0.13-0.16 s of system
+    models in one process, ~10 thousand with one model alone, 0-180 with this; 0.13-0.16 s of system
     time per step before. How many depends on the heap's history, i.e. on the other side's
     allocations, so a paired benchmark would charge one side for the other's fragmentation. With a
     1 GiB mmap threshold and no trimming the process keeps its peak and stops faulting. Not applied
