@@ -11,7 +11,8 @@ the same configuration and batch; the peers are diffusers' ``DiTTransformer2DMod
 transformers' ``ViTModel`` + a linear head (``benchmarks/gpu.py`` builds them). Settings: precision
 (fp32, bf16 autocast), attention path (fused SDPA or matmul-softmax-matmul: diffusers'
 ``AttnProcessor`` and transformers' "eager" are the peers' math paths), and ``torch.compile``
-(per block) for the bf16 rows. Every setting is built and warmed first, then all are timed
+(per block) at the precision that is fast on this CPU (``--compile-precision auto``: bf16 where the
+CPU has AMX-BF16, fp32 where torch emulates bf16 and it is ~4x slower than fp32). Every setting is built and warmed first, then all are timed
 round-robin (``--rounds`` rounds of ``--iters`` steps, median reported, with each setting's slowest and fastest round; the two sides of
 each pair back to back, the order reversed every other round): this machine's speed drifts by tens
 of percent over minutes, and timing one setting after another put that drift into the ratios (a
@@ -57,18 +58,23 @@ from benchmarks.gpu import (  # noqa: E402
     ratios,
     transformers_available,
 )
+from vitdit.mfu import fastest_cpu_precision, has_cpu_bf16_matrix_units  # noqa: E402
 
 
-def cpu_settings(ours: str, peer: str, smoke: bool, compile_: bool) -> list[dict]:
-    """fp32/bf16 × sdpa/math eager for both sides, plus compiled bf16-math (the CPU's fast path)."""
+def cpu_settings(
+    ours: str, peer: str, smoke: bool, compile_: bool, compile_precision: str = "bf16"
+) -> list[dict]:
+    """fp32/bf16 × sdpa/math eager for both sides, plus compiled math attention at ``compile_precision``
+    (the CPU's fast path: bf16 where the CPU has bf16 matrix units, fp32 where bf16 is emulated)."""
     combos = [("fp32", "sdpa"), ("bf16", "math")] if smoke else [
         ("fp32", "sdpa"), ("fp32", "math"), ("bf16", "sdpa"), ("bf16", "math")
     ]  # fmt: skip
     out = [{"side": s, "precision": p, "compile": False, "attn": a} for s in (ours, peer) for p, a in combos]
     if compile_:
-        out += [{"side": s, "precision": "bf16", "compile": True, "attn": "math"} for s in (ours, peer)]
+        p = compile_precision
+        out += [{"side": s, "precision": p, "compile": True, "attn": "math"} for s in (ours, peer)]
         # The peer compiled at its default attention (SDPA): its best without switching processors.
-        out.append({"side": peer, "precision": "bf16", "compile": True, "attn": "sdpa"})
+        out.append({"side": peer, "precision": p, "compile": True, "attn": "sdpa"})
     return out
 
 
@@ -107,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=8,
                     help="round-robin rounds over all settings (median reported); 1 = one setting at a time")  # fmt: skip
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="include torch.compile rows (bf16, math attention)")  # fmt: skip
+                    help="include torch.compile rows (math attention; the peer also at SDPA)")  # fmt: skip
+    ap.add_argument("--compile-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="precision of the compiled rows; auto: what vitdit's --precision auto picks on "
+                         "this CPU (bf16 with AMX-BF16, else fp32)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
@@ -127,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         mm_n = 4096
     skip = set(filter(None, args.skip.split(",")))
+    compile_precision = (
+        fastest_cpu_precision() if args.compile_precision == "auto" else args.compile_precision
+    )
     result: dict = {
         "device": cpu_name(),
         "threads": torch.get_num_threads(),
@@ -135,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "iters_per_round": args.iters,
         "keep_heap": kept,
+        "amx_bf16": has_cpu_bf16_matrix_units(),
+        "compile_precision": compile_precision if args.compile else None,
         "note": "shared machine: other processes may run at the same time; numbers are noisy",
     }
     peaks = {
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             args.dit_model,
             args.dit_batch,
             device,
-            cpu_settings("vitdit", "diffusers", args.smoke, args.compile),
+            cpu_settings("vitdit", "diffusers", args.smoke, args.compile, compile_precision),
             args.warmup,
             args.iters,
             rounds=args.rounds,
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             args.vit_model,
             args.vit_batch,
             device,
-            cpu_settings("vitdit", "transformers", args.smoke, args.compile),
+            cpu_settings("vitdit", "transformers", args.smoke, args.compile, compile_precision),
             args.warmup,
             args.iters,
             args.vit_size,

@@ -90,6 +90,22 @@ def test_matmul_share_smoke_sees_the_same_matmuls_on_both_sides():
         assert result[part]["ceiling_vs_peer"] > 1
 
 
+def test_compiled_rows_run_at_the_precision_that_is_fast_on_this_cpu():
+    sys.path.insert(0, ROOT)
+    from benchmarks.train_step import cpu_settings
+
+    for precision in ("fp32", "bf16"):
+        rows = cpu_settings("ours", "peer", smoke=False, compile_=True, compile_precision=precision)
+        compiled = [(r["side"], r["precision"], r["attn"]) for r in rows if r["compile"]]
+        assert compiled == [
+            ("ours", precision, "math"),
+            ("peer", precision, "math"),
+            ("peer", precision, "sdpa"),
+        ]
+        assert len([r for r in rows if not r["compile"]]) == 8  # 2 sides × fp32/bf16 × sdpa/math, eager
+    assert not any(r["compile"] for r in cpu_settings("ours", "peer", smoke=True, compile_=False))
+
+
 def test_pairs_run_back_to_back_and_same_setting_ratios_are_paired_per_round():
     sys.path.insert(0, ROOT)
     from benchmarks.gpu import _paired_order, ratios

@@ -73,7 +73,7 @@ from vitdit.checkpoint import (
 from vitdit.ema import create_ema, unwrap_model, update_ema
 from vitdit.errors import VitditError
 from vitdit.lr import SCHEDULES, lr_at
-from vitdit.mfu import peak_flops
+from vitdit.mfu import fastest_cpu_precision, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -277,15 +277,6 @@ def batch_plan(global_batch_size: int, num_workers: int, micro_batch_size: int |
     return micro, share // micro
 
 
-def has_cpu_bf16_matrix_units() -> bool:
-    """True on CPUs with AMX-BF16 (Sapphire Rapids and later): bf16 matmuls run ~5× fp32 there."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """ "auto" → the fastest precision that trains correctly on ``device`` (tests/test_train_dit.py)."""
     if precision not in PRECISIONS:
@@ -294,7 +285,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if has_cpu_bf16_matrix_units() else "fp32"
+    return fastest_cpu_precision()
 
 
 def enable_grad_checkpointing(model: nn.Module) -> nn.Module:
