@@ -58,7 +58,12 @@ from benchmarks.gpu import (  # noqa: E402
     ratios,
     transformers_available,
 )
-from vitdit.mfu import fastest_cpu_precision, has_cpu_bf16_matrix_units  # noqa: E402
+from vitdit.mfu import (  # noqa: E402
+    cpu_time_shares,
+    cpu_times,
+    fastest_cpu_precision,
+    has_cpu_bf16_matrix_units,
+)
 
 
 def cpu_settings(
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     kept = keep_freed_memory() if args.keep_heap else False
+    cpu_before = cpu_times()
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = torch.device("cpu")
@@ -185,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         add_mfu(rows, peaks)
         rows_all += rows
         result["vit"] = {"rows": rows, "ratios": ratios(rows, "vitdit", "transformers")}
+    # A hypervisor's steal slows both sides alike but makes the absolute numbers and the matmul peak
+    # smaller; recorded so runs on a busy host can be told apart (RESULTS.md).
+    result["cpu_time_shares"] = cpu_time_shares(cpu_before, cpu_times())
     print(summary_table(rows_all), file=sys.stderr)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -247,9 +247,20 @@ def memorization(recipe, out_path: str) -> dict[str, Any]:
     return report
 
 
-def collect(recipe, results, seconds: float, smoke_test: bool, tracking_uri: str) -> dict[str, Any]:
-    """summary.json: metrics measured by the stages, every artifact's path, the stage table."""
+def collect(
+    recipe,
+    results,
+    seconds: float,
+    smoke_test: bool,
+    tracking_uri: str,
+    cpu_shares: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """summary.json: metrics measured by the stages, every artifact's path, the stage table, the machine.
+
+    ``cpu_shares``: this machine's CPU time during the run (``vitdit.mfu.cpu_time_shares``).
+    """
     from pipelines.recipe import _checkpoint
+    from vitdit.mfu import cpu_model_name, fastest_cpu_precision, has_cpu_bf16_matrix_units
 
     p = recipe.path
     vit_ckpt, dit_ckpt = _checkpoint(recipe, "vit"), _checkpoint(recipe, "dit")
@@ -318,7 +329,14 @@ def collect(recipe, results, seconds: float, smoke_test: bool, tracking_uri: str
         "tracking_uri": tracking_uri,
         "mlflow_ui": f"mlflow ui --backend-store-uri {tracking_uri}",
         "machine": {
+            "cpu_model": cpu_model_name(),
             "cpus": os.cpu_count(),
+            "amx_bf16": has_cpu_bf16_matrix_units(),
+            # What `--precision auto` trains at on this CPU (bf16 only with AMX-BF16).
+            "cpu_train_precision": fastest_cpu_precision(),
+            # Shares of this machine's CPU time during the run: "steal" is time a hypervisor gave to
+            # other guests, which slows every stage (the README's times are from idle machines).
+            "cpu_time_shares": cpu_shares,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -339,12 +357,15 @@ def log_summary(summary: dict[str, Any], summary_path: str) -> str | None:
     scalars = {k: float(v) for k, v in summary["metrics"].items() if isinstance(v, int | float)}
     scalars.update({f"seconds/{s['name']}": s["seconds"] for s in summary["stages"]})
     scalars["seconds/total"] = summary["seconds"]
+    machine = summary.get("machine") or {}
+    scalars.update({f"cpu_share/{k}": v for k, v in (machine.get("cpu_time_shares") or {}).items()})
     client.log_batch(
         run.info.run_id,
         metrics=[Metric(f"quickstart/{k}", v, now, 0) for k, v in scalars.items()],
         params=[
             Param("smoke_test", str(summary["smoke_test"])),
             Param("workdir", summary["artifacts"]["workdir"]),
+            Param("cpu_model", str(machine.get("cpu_model"))[:500]),
         ],
     )
     for key in ("grid", "memorization_report", "eval_report"):
@@ -362,6 +383,33 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)
+
+
+# Above this share of CPU time taken by the hypervisor, the summary warns that stage times are slow.
+STEAL_WARNING = 0.05
+
+
+def machine_lines(machine: dict[str, Any]) -> list[str]:
+    """The summary's machine line, and a warning when a hypervisor took much of the CPU during the run."""
+    cpu = machine.get("cpu_model") or "unknown CPU"
+    precision = machine.get("cpu_train_precision")
+    line = f"  machine: {cpu}, {machine.get('cpus')} CPUs"
+    if precision:
+        amx = "AMX-BF16" if machine.get("amx_bf16") else "no AMX-BF16"
+        line += f", CPU training in {precision} ({amx})"
+    lines = [line]
+    shares = machine.get("cpu_time_shares")
+    if shares:
+        lines.append(
+            "  CPU time during the run: "
+            + ", ".join(f"{k} {100 * shares[k]:.0f}%" for k in ("busy", "idle", "steal"))
+        )
+        if shares["steal"] >= STEAL_WARNING:
+            lines.append(
+                f"  note: the hypervisor gave {100 * shares['steal']:.0f}% of this machine's CPU time to "
+                "other guests (steal): stage times are slower than on an idle machine"
+            )
+    return lines
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -390,6 +438,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         print("  per class: " + " ".join(f"{k}:{_fmt(v)}" for k, v in sorted(per_class.items())))
     for key, t in summary["targets"].items():
         print(f"  target {key} >= {t['target']}: {'met' if t['met'] else 'MISSED'} ({_fmt(t['value'])})")
+    for line in machine_lines(summary.get("machine") or {}):
+        print(line)
     print(f"\nsample grid:  {a['grid']}")
     print(f"summary:      {a['summary']}")
     print(f"MLflow UI:    {summary['mlflow_ui']}")
@@ -424,7 +474,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 print(f"{stage.name:9s} [{state}] vitdit-job {stage.module} {' '.join(stage_argv)}")
             return 0
 
-        t0 = time.perf_counter()
+        from vitdit.mfu import cpu_time_shares, cpu_times
+
+        t0, cpu_before = time.perf_counter(), cpu_times()
         os.makedirs(workdir, exist_ok=True)
         with _tracking_env(uri):
             if uri.startswith("sqlite:"):  # a tracking server keeps its own artifact root
@@ -447,7 +499,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 )
                 return failed[0].exit_code or 1
             memorization(recipe, recipe.path("eval", "memorization.json"))
-            summary = collect(recipe, results, time.perf_counter() - t0, cfg.smoke_test, uri)
+            seconds, shares = time.perf_counter() - t0, cpu_time_shares(cpu_before, cpu_times())
+            summary = collect(recipe, results, seconds, cfg.smoke_test, uri, cpu_shares=shares)
             summary_path = recipe.path("summary.json")
             with open(summary_path, "w") as f:
                 json.dump(summary, f, indent=2)

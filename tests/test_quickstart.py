@@ -143,6 +143,11 @@ def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_
     assert 0.0 <= m["dit_sample_accuracy"] <= 1.0 and len(m["dit_sample_accuracy_per_class"]) == 10
     assert m["nn_distance_samples_median"] > 0 and m["nn_distance_val_median"] > 0
     assert summary["targets"] == {}  # no accuracy targets in a smoke run
+    machine = summary["machine"]  # what the times were measured on, and how busy the host was
+    shares = machine["cpu_time_shares"]
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["busy"] > 0.1  # the stages worked
+    assert machine["cpu_train_precision"] == ("bf16" if machine["amx_bf16"] else "fp32")
+    assert "CPU time during the run: busy" in out
     assert a["grid"] in out and "mlflow ui" in out  # the job's own output, streamed back
 
     # The tracking server holds every stage's run: params, metrics, the grid, the evaluation.

@@ -3,6 +3,9 @@
 The peak comes from, in order: an explicit ``--peak-tflops``; a table of dense tensor-core peaks of
 known GPUs (vendor datasheets, without sparsity); on a CPU, a matmul measured once at start at the
 training precision (the issue's measurement here: 4096² matmul 390 GFLOP/s fp32, 2,177 bf16).
+
+Also the CPU facts that timings depend on: bf16 matrix units, the model name, and the machine's CPU
+time by kind (busy, idle, and "steal", taken by a hypervisor for other guests) over a run.
 """
 
 from __future__ import annotations
@@ -48,6 +51,60 @@ def has_cpu_bf16_matrix_units() -> bool:
 def fastest_cpu_precision() -> str:
     """The precision ``--precision auto`` trains at on this CPU: "bf16" with AMX-BF16, else "fp32"."""
     return "bf16" if has_cpu_bf16_matrix_units() else "fp32"
+
+
+# The fields of /proc/stat's "cpu" line (proc(5)), in clock ticks since boot. guest and guest_nice
+# are already counted in user and nice.
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times(path: str = "/proc/stat") -> dict[str, int] | None:
+    """The machine's cumulative CPU time by kind (clock ticks, all CPUs) from ``/proc/stat``.
+
+    None where there is no such file (not Linux). Two readings give the shares of the time between
+    them (``cpu_time_shares``): on a virtual machine, "steal" is time the hypervisor gave to other
+    guests while this one had work, so stage times and benchmarks then run slower than on an idle
+    host (on this project's 2-core VM, 10-20% steal during one quickstart, 0% on other days).
+    """
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] == "cpu":
+                    values = [int(v) for v in fields[1 : 1 + len(_STAT_FIELDS)]]
+                    values += [0] * (len(_STAT_FIELDS) - len(values))  # old kernels: no steal column
+                    return dict(zip(_STAT_FIELDS, values, strict=True))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def cpu_time_shares(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, float] | None:
+    """Shares of the machine's CPU time between two ``cpu_times()`` readings: busy, idle, steal (sum 1)."""
+    if not before or not after:
+        return None
+    delta = {k: after[k] - before[k] for k in _STAT_FIELDS}
+    total = sum(delta.values())
+    if total <= 0 or min(delta.values()) < 0:
+        return None
+    idle = delta["idle"] + delta["iowait"]
+    steal = delta["steal"]
+    return {"busy": (total - idle - steal) / total, "idle": idle / total, "steal": steal / total}
+
+
+def cpu_model_name(path: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (x86 and most ARM kernels), else ``platform.processor()``."""
+    import platform
+
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def gpu_peak_tflops(device_name: str, precision: str) -> float | None:

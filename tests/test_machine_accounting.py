@@ -1,0 +1,71 @@
+"""CPU-time accounting for honest timings (vitdit.mfu): /proc/stat readings and their shares."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import pytest
+
+from jobs.quickstart import STEAL_WARNING, machine_lines
+from vitdit.mfu import cpu_model_name, cpu_time_shares, cpu_times
+
+STAT = """cpu  {user} 50 {system} {idle} 10 0 {softirq} {steal} 7 0
+cpu0 1 2 3 4 5 6 7 8 0 0
+intr 123 4 5
+"""
+
+
+def _stat(tmp_path, name, **ticks):
+    path = tmp_path / name
+    path.write_text(STAT.format(**ticks))
+    return str(path)
+
+
+def test_cpu_time_shares_split_a_period_into_busy_idle_and_steal(tmp_path):
+    before = cpu_times(_stat(tmp_path, "a", user=1000, system=200, idle=5000, softirq=20, steal=100))
+    after = cpu_times(_stat(tmp_path, "b", user=1600, system=300, idle=5200, softirq=20, steal=200))
+    assert before == {"user": 1000, "nice": 50, "system": 200, "idle": 5000, "iowait": 10, "irq": 0,
+                      "softirq": 20, "steal": 100}  # fmt: skip
+    shares = cpu_time_shares(before, after)
+    # 1,000 ticks passed: 700 busy (user 600 + system 100), 200 idle, 100 steal; guest columns ignored.
+    assert shares == pytest.approx({"busy": 0.7, "idle": 0.2, "steal": 0.1})
+    assert cpu_time_shares(after, before) is None  # counters never go backwards: not one period
+    assert cpu_time_shares(None, after) is None
+
+
+def test_cpu_times_of_a_kernel_without_a_steal_column_and_of_no_proc(tmp_path):
+    old = tmp_path / "old"
+    old.write_text("cpu 10 0 5 100 0 0 0\n")
+    assert cpu_times(str(old))["steal"] == 0
+    assert cpu_times(str(tmp_path / "missing")) is None
+    assert cpu_model_name(str(tmp_path / "missing")) == (platform.processor() or None)
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU @ 2.50GHz\n")
+    assert cpu_model_name(str(info)) == "Example CPU @ 2.50GHz"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux /proc only")
+def test_busy_share_of_this_machine_rises_while_a_cpu_spins():
+    before = cpu_times()
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:
+        pass
+    shares = cpu_time_shares(before, cpu_times())
+    assert shares is not None and sum(shares.values()) == pytest.approx(1.0)
+    # One of os.cpu_count() CPUs spun the whole time: at least most of that share is busy or steal.
+    assert shares["busy"] + shares["steal"] >= 0.5 / (os.cpu_count() or 1)
+    assert cpu_model_name()
+
+
+def test_the_quickstart_summary_warns_when_the_hypervisor_took_cpu_time():
+    machine = {"cpu_model": "Some Xeon", "cpus": 2, "amx_bf16": False, "cpu_train_precision": "fp32"}
+    calm = machine_lines({**machine, "cpu_time_shares": {"busy": 0.9, "idle": 0.08, "steal": 0.02}})
+    assert calm[0] == "  machine: Some Xeon, 2 CPUs, CPU training in fp32 (no AMX-BF16)"
+    assert calm[1] == "  CPU time during the run: busy 90%, idle 8%, steal 2%"
+    assert len(calm) == 2
+    stolen = machine_lines({**machine, "cpu_time_shares": {"busy": 0.7, "idle": 0.1, "steal": 0.2}})
+    assert len(stolen) == 3 and "20%" in stolen[2] and "steal" in stolen[2]
+    assert 0.02 < STEAL_WARNING <= 0.2
+    assert machine_lines({}) == ["  machine: unknown CPU, None CPUs"]
