@@ -254,10 +254,12 @@ def collect(
     smoke_test: bool,
     tracking_uri: str,
     cpu_shares: dict[str, float] | None = None,
+    matmul_gflops: float | None = None,
 ) -> dict[str, Any]:
     """summary.json: metrics measured by the stages, every artifact's path, the stage table, the machine.
 
-    ``cpu_shares``: this machine's CPU time during the run (``vitdit.mfu.cpu_time_shares``).
+    ``cpu_shares``: this machine's CPU time during the run (``vitdit.mfu.cpu_time_shares``);
+    ``matmul_gflops``: its matmul speed at the start (``cpu_matmul_gflops``).
     """
     from pipelines.recipe import _checkpoint
     from vitdit.mfu import cpu_model_name, fastest_cpu_precision, has_cpu_bf16_matrix_units
@@ -337,6 +339,7 @@ def collect(
             # Shares of this machine's CPU time during the run: "steal" is time a hypervisor gave to
             # other guests, which slows every stage (the README's times are from idle machines).
             "cpu_time_shares": cpu_shares,
+            "matmul_gflops": matmul_gflops,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -385,6 +388,27 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def cpu_matmul_gflops(seconds: float = 1.0) -> float | None:
+    """GFLOP/s of a 2048×2048 matmul at the precision this CPU trains in, on every core, measured once.
+
+    Taken at the start of a run, before any stage, so a slow host shows next to the stage times: the
+    same kind of 2-core VM measured 217 GFLOP/s (fp32, 4096²) one day and 154 on another, when the
+    quickstart took 17.9 and 22.6 min.
+    """
+    try:
+        import torch
+
+        from vitdit.mfu import fastest_cpu_precision, measure_matmul_tflops
+    except ImportError:
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return 1000.0 * measure_matmul_tflops(fastest_cpu_precision(), size=2048, seconds=seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # Above this share of CPU time taken by the hypervisor, the summary warns that stage times are slow.
 STEAL_WARNING = 0.05
 
@@ -397,6 +421,8 @@ def machine_lines(machine: dict[str, Any]) -> list[str]:
     if precision:
         amx = "AMX-BF16" if machine.get("amx_bf16") else "no AMX-BF16"
         line += f", CPU training in {precision} ({amx})"
+    if machine.get("matmul_gflops"):
+        line += f"; 2048² matmul {machine['matmul_gflops']:.0f} GFLOP/s at the start"
     lines = [line]
     shares = machine.get("cpu_time_shares")
     if shares:
@@ -477,6 +503,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from vitdit.mfu import cpu_time_shares, cpu_times
 
         t0, cpu_before = time.perf_counter(), cpu_times()
+        matmul_gflops = cpu_matmul_gflops()
         os.makedirs(workdir, exist_ok=True)
         with _tracking_env(uri):
             if uri.startswith("sqlite:"):  # a tracking server keeps its own artifact root
@@ -500,7 +527,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 return failed[0].exit_code or 1
             memorization(recipe, recipe.path("eval", "memorization.json"))
             seconds, shares = time.perf_counter() - t0, cpu_time_shares(cpu_before, cpu_times())
-            summary = collect(recipe, results, seconds, cfg.smoke_test, uri, cpu_shares=shares)
+            summary = collect(
+                recipe, results, seconds, cfg.smoke_test, uri, cpu_shares=shares, matmul_gflops=matmul_gflops
+            )
             summary_path = recipe.path("summary.json")
             with open(summary_path, "w") as f:
                 json.dump(summary, f, indent=2)

@@ -7,8 +7,9 @@ import platform
 import time
 
 import pytest
+import torch
 
-from jobs.quickstart import STEAL_WARNING, machine_lines
+from jobs.quickstart import STEAL_WARNING, cpu_matmul_gflops, machine_lines
 from vitdit.mfu import cpu_model_name, cpu_time_shares, cpu_times
 
 STAT = """cpu  {user} 50 {system} {idle} 10 0 {softirq} {steal} 7 0
@@ -69,3 +70,12 @@ def test_the_quickstart_summary_warns_when_the_hypervisor_took_cpu_time():
     assert len(stolen) == 3 and "20%" in stolen[2] and "steal" in stolen[2]
     assert 0.02 < STEAL_WARNING <= 0.2
     assert machine_lines({}) == ["  machine: unknown CPU, None CPUs"]
+    fast = machine_lines({**machine, "matmul_gflops": 154.4})
+    assert fast[0].endswith("; 2048² matmul 154 GFLOP/s at the start")
+
+
+def test_the_quickstart_measures_this_cpus_matmul_speed():
+    threads = torch.get_num_threads()
+    gflops = cpu_matmul_gflops(seconds=0.2)
+    assert gflops is not None and 0.5 < gflops < 100_000  # a real CPU measurement, in GFLOP/s
+    assert torch.get_num_threads() == threads  # restored for the caller

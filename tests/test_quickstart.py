@@ -148,6 +148,7 @@ def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_
     assert sum(shares.values()) == pytest.approx(1.0) and shares["busy"] > 0.1  # the stages worked
     assert machine["cpu_train_precision"] == ("bf16" if machine["amx_bf16"] else "fp32")
     assert "CPU time during the run: busy" in out
+    assert machine["matmul_gflops"] > 0 and "GFLOP/s at the start" in out
     assert a["grid"] in out and "mlflow ui" in out  # the job's own output, streamed back
 
     # The tracking server holds every stage's run: params, metrics, the grid, the evaluation.
