@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -59,6 +58,7 @@ from benchmarks.gpu import (  # noqa: E402
     transformers_available,
 )
 from vitdit.mfu import (  # noqa: E402
+    cpu_model_name,
     cpu_time_shares,
     cpu_times,
     fastest_cpu_precision,
@@ -81,17 +81,6 @@ def cpu_settings(
         # The peer compiled at its default attention (SDPA): its best without switching processors.
         out.append({"side": peer, "precision": p, "compile": True, "attn": "sdpa"})
     return out
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -146,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         fastest_cpu_precision() if args.compile_precision == "auto" else args.compile_precision
     )
     result: dict = {
-        "device": cpu_name(),
+        "device": cpu_model_name() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "smoke": args.smoke,

@@ -60,7 +60,7 @@ def test_train_step_benchmark_smoke():
     assert all("minor_faults_per_step" in r for r in dit["rows"])  # counting: the keep_freed_memory test
     per_round = dit["ratios"]["best_vs_best_per_round"]  # smoke: 2 rounds
     assert per_round["min"] <= per_round["median"] <= per_round["max"]
-    if os.path.exists("/proc/stat"):  # how busy the host was while it ran: the benchmark itself was
+    if os.path.exists("/proc/stat"):  # how busy the host was while the benchmark ran, itself included
         shares = result["cpu_time_shares"]
         assert sum(shares.values()) == pytest.approx(1.0) and shares["busy"] > 0
 

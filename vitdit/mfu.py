@@ -64,7 +64,7 @@ def cpu_times(path: str = "/proc/stat") -> dict[str, int] | None:
     None where there is no such file (not Linux). Two readings give the shares of the time between
     them (``cpu_time_shares``): on a virtual machine, "steal" is time the hypervisor gave to other
     guests while this one had work, so stage times and benchmarks then run slower than on an idle
-    host (on this project's 2-core VM, 10-20% steal during one quickstart, 0% on other days).
+    host (on this project's 2-core VM: 10-20% steal in `top` during one quickstart, 3% over another).
     """
     try:
         with open(path) as f:
