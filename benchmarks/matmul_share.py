@@ -6,8 +6,8 @@ Runbook (from the repo root; ~3-6 minutes on 2 cores, most of it compiling)::
     .venv/bin/python benchmarks/matmul_share.py                 # DiT-S/2 b8 and ViT-S/16 b8, compiled
     .venv/bin/python benchmarks/matmul_share.py --smoke         # tiny presets, eager (the tests)
 
-Both sides at their fastest CPU setting in ``benchmarks/train_step.py`` (bf16 autocast on CPUs with
-AMX-BF16, fp32 on the others; matmul-softmax-matmul attention, ``torch.compile`` per block, fused AdamW), built and timed by the
+Both sides at their fastest CPU setting in ``benchmarks/train_step.py`` (the precision of the faster
+matmul, measured; matmul-softmax-matmul attention, ``torch.compile`` per block, fused AdamW), built and timed by the
 same code (``benchmarks/gpu.py``: the two sides alternate, ``--rounds`` rounds of ``--iters``
 steps, median over rounds; this machine's speed drifts within minutes). Then each is profiled: the self time of the matrix
 multiplications (``aten::mm``, ``addmm``, ``bmm``, ``baddbmm`` and oneDNN's linear) and the FLOPs of
@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu import bench_dit, bench_vit, keep_freed_memory, transformers_available  # noqa: E402
-from vitdit.mfu import fastest_cpu_precision  # noqa: E402
+from vitdit.precision import fastest_matmul_precision  # noqa: E402
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         dit_name, dit_batch, vit_name, vit_batch, compile_ = "DiT-test/2", 2, "ViT-test/4", 2, False
         args.warmup, args.iters, args.rounds, args.profile_steps = 1, 1, 1, 1
-    precision = fastest_cpu_precision()  # bf16 autocast with AMX-BF16, else fp32 (bf16 is emulated)
+    precision = fastest_matmul_precision()  # measured: bf16 where its matmul beats fp32's here
     result: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "smoke": args.smoke, "keep_heap": kept,
                     "setting": f"{precision}{' autocast' if precision == 'bf16' else ''}, math attention, "
                                f"compile={compile_}, fused AdamW"}  # fmt: skip

@@ -11,8 +11,9 @@ the same configuration and batch; the peers are diffusers' ``DiTTransformer2DMod
 transformers' ``ViTModel`` + a linear head (``benchmarks/gpu.py`` builds them). Settings: precision
 (fp32, bf16 autocast), attention path (fused SDPA or matmul-softmax-matmul: diffusers'
 ``AttnProcessor`` and transformers' "eager" are the peers' math paths), and ``torch.compile``
-(per block) at the precision that is fast on this CPU (``--compile-precision auto``: bf16 where the
-CPU has AMX-BF16, fp32 where torch emulates bf16 and it is ~4x slower than fp32). Every setting is built and warmed first, then all are timed
+(per block) at the precision that is fast on this CPU (``--compile-precision auto``: the faster
+square matmul, measured at start; bf16 on the AMX Xeon and the EPYC, fp32 on the AVX-512 Xeon where
+torch emulates bf16 and it is ~4x slower). Every setting is built and warmed first, then all are timed
 round-robin (``--rounds`` rounds of ``--iters`` steps, median reported, with each setting's slowest and fastest round; the two sides of
 each pair back to back, the order reversed every other round): this machine's speed drifts by tens
 of percent over minutes, and timing one setting after another put that drift into the ratios (a
@@ -61,16 +62,16 @@ from vitdit.mfu import (  # noqa: E402
     cpu_model_name,
     cpu_time_shares,
     cpu_times,
-    fastest_cpu_precision,
     has_cpu_bf16_matrix_units,
 )
+from vitdit.precision import fastest_matmul_precision  # noqa: E402
 
 
 def cpu_settings(
     ours: str, peer: str, smoke: bool, compile_: bool, compile_precision: str = "bf16"
 ) -> list[dict]:
     """fp32/bf16 × sdpa/math eager for both sides, plus compiled math attention at ``compile_precision``
-    (the CPU's fast path: bf16 where the CPU has bf16 matrix units, fp32 where bf16 is emulated)."""
+    (the CPU's fast path, measured: bf16 where its matmuls beat fp32's, fp32 where bf16 is emulated)."""
     combos = [("fp32", "sdpa"), ("bf16", "math")] if smoke else [
         ("fp32", "sdpa"), ("fp32", "math"), ("bf16", "sdpa"), ("bf16", "math")
     ]  # fmt: skip
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="include torch.compile rows (math attention; the peer also at SDPA)")  # fmt: skip
     ap.add_argument("--compile-precision", choices=("auto", "fp32", "bf16"), default="auto",
-                    help="precision of the compiled rows; auto: what vitdit's --precision auto picks on "
-                         "this CPU (bf16 with AMX-BF16, else fp32)")  # fmt: skip
+                    help="precision of the compiled rows; auto: the faster square matmul, measured "
+                         "here (bf16 must beat fp32 by 5%%)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         mm_n = 4096
     skip = set(filter(None, args.skip.split(",")))
     compile_precision = (
-        fastest_cpu_precision() if args.compile_precision == "auto" else args.compile_precision
+        fastest_matmul_precision() if args.compile_precision == "auto" else args.compile_precision
     )
     result: dict = {
         "device": cpu_model_name() or "cpu",

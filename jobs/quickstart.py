@@ -71,7 +71,8 @@ RECIPE: dict[str, Any] = {
             "lr": 1e-3,
             "warmup_steps": 50,
             "lr_schedule": "cosine",
-            "num_workers": 2,
+            "num_workers": 1,
+            "cpus_per_worker": 2.0,
             "precision": "auto",
         },
         # Class conditioning is what takes the DiT long: it appears at a step count, not an image
@@ -94,7 +95,8 @@ RECIPE: dict[str, Any] = {
             "warmup_steps": 100,
             "lr_schedule": "cosine",
             "ema_decay": 0.998,
-            "num_workers": 2,
+            "num_workers": 1,
+            "cpus_per_worker": 2.0,
             "precision": "auto",
             "eval_every": 500,
             "checkpoint_every": 1000,
@@ -254,7 +256,7 @@ def collect(
     smoke_test: bool,
     tracking_uri: str,
     cpu_shares: dict[str, float] | None = None,
-    matmul_gflops: float | None = None,
+    matmul_gflops: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """summary.json: metrics measured by the stages, every artifact's path, the stage table, the machine.
 
@@ -262,9 +264,14 @@ def collect(
     ``matmul_gflops``: its matmul speed at the start (``cpu_matmul_gflops``).
     """
     from pipelines.recipe import _checkpoint
-    from vitdit.mfu import cpu_model_name, fastest_cpu_precision, has_cpu_bf16_matrix_units
+    from vitdit.mfu import cpu_model_name, has_cpu_bf16_matrix_units
 
     p = recipe.path
+    probes = {
+        stage: record
+        for stage in ("vae", "vit", "dit")
+        if (record := _read_json(p(stage, "precision.json"))) is not None
+    }
     vit_ckpt, dit_ckpt = _checkpoint(recipe, "vit"), _checkpoint(recipe, "dit")
     report = _read_json(p("eval", "report.json")) or {}
     ev = report.get("metrics", {})
@@ -334,8 +341,9 @@ def collect(
             "cpu_model": cpu_model_name(),
             "cpus": os.cpu_count(),
             "amx_bf16": has_cpu_bf16_matrix_units(),
-            # What `--precision auto` trains at on this CPU (bf16 only with AMX-BF16).
-            "cpu_train_precision": fastest_cpu_precision(),
+            # What each training stage trained at, and (for --precision auto) the probe's figures.
+            "cpu_train_precision": {k: v.get("precision") for k, v in probes.items()},
+            "precision_probe": probes,
             # Shares of this machine's CPU time during the run: "steal" is time a hypervisor gave to
             # other guests, which slows every stage (the README's times are from idle machines).
             "cpu_time_shares": cpu_shares,
@@ -388,8 +396,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def cpu_matmul_gflops(seconds: float = 1.0) -> float | None:
-    """GFLOP/s of a 2048×2048 matmul at the precision this CPU trains in, on every core, measured once.
+def cpu_matmul_gflops(seconds: float = 0.5) -> dict[str, float] | None:
+    """GFLOP/s of a 2048×2048 matmul in fp32 and in bf16, on every core, measured once.
 
     Taken at the start of a run, before any stage, so a slow host shows next to the stage times: the
     same kind of 2-core VM measured 217 GFLOP/s (fp32, 4096²) one day and 154 on another, when the
@@ -398,13 +406,16 @@ def cpu_matmul_gflops(seconds: float = 1.0) -> float | None:
     try:
         import torch
 
-        from vitdit.mfu import fastest_cpu_precision, measure_matmul_tflops
+        from vitdit.mfu import measure_matmul_tflops
     except ImportError:
         return None
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        return 1000.0 * measure_matmul_tflops(fastest_cpu_precision(), size=2048, seconds=seconds)
+        return {
+            p: round(1000.0 * measure_matmul_tflops(p, size=2048, seconds=seconds), 1)
+            for p in ("fp32", "bf16")
+        }
     finally:
         torch.set_num_threads(threads)
 
@@ -416,14 +427,22 @@ STEAL_WARNING = 0.05
 def machine_lines(machine: dict[str, Any]) -> list[str]:
     """The summary's machine line, and a warning when a hypervisor took much of the CPU during the run."""
     cpu = machine.get("cpu_model") or "unknown CPU"
-    precision = machine.get("cpu_train_precision")
-    line = f"  machine: {cpu}, {machine.get('cpus')} CPUs"
-    if precision:
-        amx = "AMX-BF16" if machine.get("amx_bf16") else "no AMX-BF16"
-        line += f", CPU training in {precision} ({amx})"
-    if machine.get("matmul_gflops"):
-        line += f"; 2048² matmul {machine['matmul_gflops']:.0f} GFLOP/s at the start"
-    lines = [line]
+    amx = "AMX-BF16" if machine.get("amx_bf16") else "no AMX-BF16"
+    lines = [f"  machine: {cpu}, {machine.get('cpus')} CPUs ({amx})"]
+    matmul = machine.get("matmul_gflops")
+    if matmul:
+        lines.append(
+            "  2048² matmul at the start: " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in matmul.items())
+        )
+    for stage, record in (machine.get("precision_probe") or {}).items():
+        line = f"  {stage} trained in {record.get('precision')}"
+        figures = record.get("figures") or {}
+        steps = [f"{p} {f['step_ms']:.0f} ms" for p, f in figures.items() if f.get("step_ms")]
+        if record.get("requested") == "auto" and steps:
+            line += f" (probe: a step in {', '.join(steps)}{'; cached' if record.get('cached') else ''})"
+        elif record.get("requested") not in (None, "auto"):
+            line += " (set in the recipe)"
+        lines.append(line)
     shares = machine.get("cpu_time_shares")
     if shares:
         lines.append(

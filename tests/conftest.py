@@ -23,6 +23,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the default 10 s fails on a busy machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# --precision auto caches its probe per machine; the tests probe afresh in a cache of their own (Ray
+# workers and job subprocesses inherit it).
+if "VITDIT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["VITDIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitdit-test-cache-")
 # Ray Train's controller polls its workers every 2 s by default; that interval is how late it sees
 # a worker finish or die. A test's fit lasts seconds (a real one hours), and the default cost each
 # fit ~4 s between its worker's last line and the fit returning (measured on the tiny task: 4.0 s

@@ -62,21 +62,36 @@ def test_busy_share_of_this_machine_rises_while_a_cpu_spins():
 
 
 def test_the_quickstart_summary_warns_when_the_hypervisor_took_cpu_time():
-    machine = {"cpu_model": "Some Xeon", "cpus": 2, "amx_bf16": False, "cpu_train_precision": "fp32"}
+    machine = {"cpu_model": "Some Xeon", "cpus": 2, "amx_bf16": False}
     calm = machine_lines({**machine, "cpu_time_shares": {"busy": 0.9, "idle": 0.08, "steal": 0.02}})
-    assert calm[0] == "  machine: Some Xeon, 2 CPUs, CPU training in fp32 (no AMX-BF16)"
+    assert calm[0] == "  machine: Some Xeon, 2 CPUs (no AMX-BF16)"
     assert calm[1] == "  CPU time during the run: busy 90%, idle 8%, steal 2%"
     assert len(calm) == 2
     stolen = machine_lines({**machine, "cpu_time_shares": {"busy": 0.7, "idle": 0.1, "steal": 0.2}})
     assert len(stolen) == 3 and "20%" in stolen[2] and "steal" in stolen[2]
     assert 0.02 < STEAL_WARNING <= 0.2
-    assert machine_lines({}) == ["  machine: unknown CPU, None CPUs"]
-    fast = machine_lines({**machine, "matmul_gflops": 154.4})
-    assert fast[0].endswith("; 2048² matmul 154 GFLOP/s at the start")
+    assert machine_lines({}) == ["  machine: unknown CPU, None CPUs (no AMX-BF16)"]
+    fast = machine_lines({**machine, "matmul_gflops": {"fp32": 154.4, "bf16": 301.0}})
+    assert fast[1] == "  2048² matmul at the start: fp32 154 GFLOP/s, bf16 301 GFLOP/s"
+
+
+def test_the_quickstart_summary_says_what_each_stage_trained_in_and_why():
+    probes = {
+        "vit": {"precision": "bf16", "requested": "auto", "cached": False,
+                "figures": {"fp32": {"step_ms": 80.2}, "bf16": {"step_ms": 55.0}}},
+        "vae": {"precision": "fp32", "requested": "fp32"},
+        "dit": {"precision": "bf16", "requested": "auto", "cached": True,
+                "figures": {"fp32": {"step_ms": 70.0}, "bf16": {"step_ms": 50.4}}},
+    }  # fmt: skip
+    lines = machine_lines({"cpu_model": "EPYC", "cpus": 2, "precision_probe": probes})
+    assert lines[1] == "  vit trained in bf16 (probe: a step in fp32 80 ms, bf16 55 ms)"
+    assert lines[2] == "  vae trained in fp32 (set in the recipe)"
+    assert lines[3] == "  dit trained in bf16 (probe: a step in fp32 70 ms, bf16 50 ms; cached)"
 
 
 def test_the_quickstart_measures_this_cpus_matmul_speed():
     threads = torch.get_num_threads()
     gflops = cpu_matmul_gflops(seconds=0.2)
-    assert gflops is not None and 0.5 < gflops < 100_000  # a real CPU measurement, in GFLOP/s
+    assert gflops is not None and set(gflops) == {"fp32", "bf16"}
+    assert all(0.5 < v < 100_000 for v in gflops.values())  # real CPU measurements, in GFLOP/s
     assert torch.get_num_threads() == threads  # restored for the caller

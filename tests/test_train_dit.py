@@ -75,8 +75,17 @@ def test_dit_job_trains_on_digits_and_logs_to_a_real_mlflow_server(
     model, _ = load_model(ckpt)
     assert model.config.input_size == 8 and model.config.num_classes == 10
     assert sorted(os.listdir(out)) == [
-        "_ray", "checkpoint_00000020", "checkpoint_00000040", "summary.json", "train_log.jsonl"
+        "_ray", "checkpoint_00000020", "checkpoint_00000040", "precision.json", "summary.json", "train_log.jsonl"
     ]  # fmt: skip
+    # --precision auto: rank 0 probed both precisions on a real batch; the run records the choice.
+    record = json.loads((out / "precision.json").read_text())
+    assert record["requested"] == "auto" and record["precision"] in ("fp32", "bf16")
+    assert all(record["figures"][p]["step_ms"] > 0 for p in ("fp32", "bf16")), record
+    run = client.get_run(run.info.run_id)
+    assert run.data.params["precision"] == "auto"
+    assert run.data.params["precision_resolved"] == run.data.tags["precision.resolved"] == record["precision"]
+    assert json.loads(run.data.tags["precision.probe"]) == record["figures"]
+    assert client.get_metric_history(run.info.run_id, "precision_probe/fp32_step_ms")[0].step == 0
 
 
 def _dit_loss(model, x0, y, seed):

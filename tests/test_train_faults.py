@@ -137,7 +137,14 @@ def test_nan_stops_every_rank_without_retry(ray_session, tmp_path, capsys):
     assert "non-finite loss at step 5" in capsys.readouterr().err
     assert starts.read_text().count("start") == 2  # 2 workers, started once: no retry
     assert sorted(os.listdir(out)) == sorted(
-        ["_ray", "checkpoint_00000002", "checkpoint_00000004", "nonfinite.json", "train_log.jsonl"]
+        [
+            "_ray",
+            "checkpoint_00000002",
+            "checkpoint_00000004",
+            "nonfinite.json",
+            "precision.json",
+            "train_log.jsonl",
+        ]
     )
     assert max(read_train_log(str(out))) == 4
     with pytest.raises(NonFiniteLossError):

@@ -36,21 +36,15 @@ GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 
 
 def has_cpu_bf16_matrix_units() -> bool:
-    """True on CPUs with AMX-BF16 (Sapphire Rapids and later), where bf16 matmuls run ~5× fp32.
-
-    Without them torch emulates bf16 matmuls: on an AVX-512 Xeon without AMX, a 2048³ bf16 matmul
-    measured 42 GFLOP/s against 155 for fp32 (2 threads), so bf16 is the *slow* precision there.
-    """
+    """True on CPUs with AMX-BF16 (Sapphire Rapids and later). A fact to record next to timings, not
+    a rule for choosing a precision: CPUs without AMX differ (bf16 is ~4× slower than fp32 on an
+    AVX-512 Xeon without bf16 instructions, 1.25-1.5× faster on an AMD EPYC with AVX512-BF16), so
+    ``--precision auto`` measures (``vitdit.precision``)."""
     try:
         with open("/proc/cpuinfo") as f:
             return "amx_bf16" in f.read()
     except OSError:
         return False
-
-
-def fastest_cpu_precision() -> str:
-    """The precision ``--precision auto`` trains at on this CPU: "bf16" with AMX-BF16, else "fp32"."""
-    return "bf16" if has_cpu_bf16_matrix_units() else "fp32"
 
 
 # The fields of /proc/stat's "cpu" line (proc(5)), in clock ticks since boot. guest and guest_nice

@@ -73,7 +73,7 @@ from vitdit.checkpoint import (
 from vitdit.ema import create_ema, unwrap_model, update_ema
 from vitdit.errors import VitditError
 from vitdit.lr import SCHEDULES, lr_at
-from vitdit.mfu import fastest_cpu_precision, peak_flops
+from vitdit.mfu import peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -277,15 +277,69 @@ def batch_plan(global_batch_size: int, num_workers: int, micro_batch_size: int |
     return micro, share // micro
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """ "auto" → the fastest precision that trains correctly on ``device`` (tests/test_train_dit.py)."""
+def resolve_precision(precision: str, device: torch.device) -> str | None:
+    """The precision to train at, or None when "auto" on a CPU must be measured (``probe_precision``).
+
+    On CUDA, "auto" is bf16 where the GPU supports it (tensor cores run bf16 at twice TF32's rate);
+    on a CPU no flag tells which is faster, so the trainer times both (``vitdit.precision``).
+    """
     if precision not in PRECISIONS:
         raise VitditError(f"--precision {precision!r}: expected one of {PRECISIONS}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return fastest_cpu_precision()
+    return None
+
+
+def prepare_for_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """What a precision trains with besides autocast: on a CPU, bf16 takes the math attention path
+    (torch's fused SDPA has a slow bf16 backward on CPU; FACTS.md)."""
+    if precision == "bf16" and device.type == "cpu":
+        from vitdit.models.layers import set_attn_impl
+
+        set_attn_impl(model, "math")
+    return model
+
+
+def probe_precision(
+    task: TrainTask, raw: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: torch.device
+) -> dict[str, Any]:
+    """Rank 0's ``vitdit.precision.probe`` of real training steps of copies of ``raw`` on ``batch``.
+
+    Each candidate trains its own deep copy (the run's weights, optimizer and RNG are untouched);
+    every step starts from the same seeds, so the first steps' losses are comparable.
+    """
+    import copy
+
+    from vitdit.precision import probe
+
+    def make_step(precision: str) -> Callable[[], float]:
+        model = prepare_for_precision(copy.deepcopy(raw), precision, device)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        model.train()
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
+
+        def step() -> float:
+            torch.manual_seed(cfg.seed)
+            generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss, _ = task.loss(model, batch, generator)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach().float())
+
+        return step
+
+    micro = len(next(iter(batch.values())))
+    workload = f"{task.kind}:{type(unwrap_model(raw)).__name__}:{_param_count(raw)}:micro {micro}"
+    return probe(make_step, workload)
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def enable_grad_checkpointing(model: nn.Module) -> nn.Module:
@@ -353,8 +407,15 @@ class _EpochIterator:
         # of every epoch is a pure function of (seed, epoch) and a resume is exact.
         self.cache = self._fill_cache() if cache else None
         self._it = self._open()
+        self._peeked: dict[str, torch.Tensor] | None = None
         for _ in range(skip):  # the part of this epoch consumed before the checkpoint
             self.next()
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The batch the next ``next()`` returns, without consuming it."""
+        if self._peeked is None:
+            self._peeked = self.next()
+        return self._peeked
 
     def _fill_cache(self) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {}
@@ -385,6 +446,9 @@ class _EpochIterator:
         )
 
     def next(self) -> dict[str, torch.Tensor]:
+        if self._peeked is not None:  # already counted in batches_in_epoch when it was fetched
+            batch, self._peeked = self._peeked, None
+            return batch
         try:
             batch = next(self._it)
         except StopIteration:
@@ -502,7 +566,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     else:  # TF32 tensor cores for fp32 matmuls and convolutions
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device)  # None: measured below, on a real batch
     micro, accum = batch_plan(cfg.global_batch_size, world, cfg.micro_batch_size)
     # The shards first: rank 0's first request for the train shard makes Ray Train start Ray Data's
     # split coordinator, an actor in a new process (3.3-3.5 s here), which then comes up while the
@@ -513,13 +577,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts)
     raw = task.build_model().to(device)
-    if precision == "bf16" and device.type == "cpu":
-        # FACTS.md: bf16 SDPA backward is slow on CPU; matmul-softmax-matmul uses the AMX units.
-        from vitdit.models.layers import set_attn_impl
-
-        set_attn_impl(raw, "math")
-    if cfg.grad_checkpointing:
-        enable_grad_checkpointing(raw)
     ema = create_ema(raw) if rank == 0 else None
     optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay, device)
 
@@ -554,6 +611,32 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         if "rng" in ts:
             restore_rng_state(ts["rng"])
         log.info("rank %d resumed at step %d (epoch %d, %d batches in)", rank, start_step, epoch, skip)
+
+    data = _EpochIterator(
+        shard,
+        micro,
+        cfg.seed,
+        epoch,
+        skip,
+        device,
+        shuffle_buffer=max(cfg.shuffle_buffer, 4 * micro),
+        cache=bool(loop_config.get("cache_data")),
+    )
+    probe_report = None
+    if precision is None:  # "auto" on a CPU: rank 0 times each candidate, every rank takes its answer
+        if rank == 0:
+            probe_report = probe_precision(task, raw, data.peek(), cfg, device)
+            log.info(
+                "precision auto -> %s (%s; probe %s s%s)", probe_report["precision"],
+                probe_report["reason"], probe_report.get("seconds"), ", cached" if probe_report["cached"] else "",
+            )  # fmt: skip
+        choice = [probe_report["precision"] if probe_report else None]
+        if world > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        precision = choice[0]
+    prepare_for_precision(raw, precision, device)
+    if cfg.grad_checkpointing:  # after the probe: a deep copy would keep calling raw's blocks
+        enable_grad_checkpointing(raw)
 
     model = raw
     if cfg.compile:
@@ -593,16 +676,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                     e, logged["mlflow"],
                 )  # fmt: skip
 
-    data = _EpochIterator(
-        shard,
-        micro,
-        cfg.seed,
-        epoch,
-        skip,
-        device,
-        shuffle_buffer=max(cfg.shuffle_buffer, 4 * micro),
-        cache=bool(loop_config.get("cache_data")),
-    )
+    if rank == 0:
+        _record_precision(output, precision, cfg.precision, probe_report, logger)
     val_batches = None
     if val_shard is not None:
         val_batches = _ValidationBatches(val_shard, micro, cfg.cache_rows)
@@ -784,6 +859,36 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         log.info(
             "rank 0 finished at step %d (finalize, MLflow flush: %.1f s)", step, time.perf_counter() - t_end
         )
+
+
+PRECISION_NAME = "precision.json"  # rank 0's record of the precision it trained at, and why
+
+
+def _record_precision(
+    output: str, precision: str, requested: str, report: dict[str, Any] | None, logger
+) -> None:
+    """``<output>/precision.json`` and the MLflow run: the precision trained at, the probe's figures."""
+    record: dict[str, Any] = {"precision": precision, "requested": requested}
+    if report is not None:
+        record.update({k: report.get(k) for k in ("reason", "cached", "seconds", "figures", "key")})
+    try:
+        _write_json(_join(output, PRECISION_NAME), record)
+    except OSError as e:
+        log.warning("cannot write %s: %s", PRECISION_NAME, e)
+    if logger is not None:
+        logger.log_params({"precision_resolved": precision})
+        logger.set_tag("precision.resolved", precision)
+        if report is not None:
+            logger.set_tag("precision.reason", str(report.get("reason")))
+            logger.set_tag("precision.probe", json.dumps(report.get("figures"), sort_keys=True)[:5000])
+            figures = {
+                f"precision_probe/{p}_{k}": float(v)
+                for p, f in (report.get("figures") or {}).items()
+                for k, v in f.items()
+                if k in ("step_ms", "matmul_gflops") and isinstance(v, int | float)
+            }
+            if figures:
+                logger.log_metrics(figures, 0)
 
 
 def _start_warm_up(task: TrainTask, val_batches: _ValidationBatches | None) -> _Background:

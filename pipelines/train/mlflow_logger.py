@@ -191,10 +191,13 @@ class AsyncRunLogger:
     def set_tag(self, key: str, value: str) -> None:
         self._put(("tag", key, value))
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._put(("params", {k: str(v)[:6000] for k, v in params.items()}))
+
     def _work(self) -> None:
         try:
             from mlflow import MlflowClient
-            from mlflow.entities import Metric
+            from mlflow.entities import Metric, Param
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         except Exception as e:  # a broken install or URI: training goes on without tracking
@@ -217,6 +220,11 @@ class AsyncRunLogger:
                     self._client.log_image(self.run_id, image, key=key, step=step)
                 elif item[0] == "tag":
                     self._client.set_tag(self.run_id, item[1], item[2])
+                elif item[0] == "params":  # immutable in MLflow: a resumed run keeps what it has
+                    have = self._client.get_run(self.run_id).data.params
+                    new = [Param(k, v) for k, v in item[1].items() if k not in have]
+                    if new:
+                        self._client.log_batch(self.run_id, params=new)
             except Exception as e:
                 self.failures += 1
                 if self.failures <= 3:
