@@ -197,7 +197,9 @@ def test_grad_checkpointing_gives_the_same_gradients():
         if pa.grad is None:  # frozen (the fixed sin-cos pos_embed)
             assert pb.grad is None, name
             continue
-        assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
+        # The same shapes through the same kernels in one process: recomputation repeats the forward
+        # exactly, so the gradients are bit-identical (no rounding tolerance is needed).
+        assert torch.equal(pa.grad, pb.grad), name
         compared += 1
     assert compared > 10
     assert set(a.state_dict()) == set(b.state_dict())  # keys unchanged
@@ -220,6 +222,8 @@ def test_fused_adamw_matches_the_multi_tensor_one_and_resume_keeps_the_kernel():
             opt.zero_grad(set_to_none=True)
     moved = 0
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        # Fused and multi-tensor AdamW compute the same elementwise update in other operation orders:
+        # a few fp32 roundings (u = 2^-24) per step, far inside 1e-5 absolute after 5 steps.
         assert torch.allclose(pa, pb, atol=1e-5), name
         moved += int(not torch.equal(pa, initial[name]))
     assert moved > 10  # the steps changed the weights: the agreement is not two idle optimizers

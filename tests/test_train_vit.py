@@ -8,11 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from _tolerance import MARGIN, U_FP32
 
 from pipelines.train.loop import TrainConfig
 from pipelines.train.vit import ViTTask, ViTTaskConfig, random_resized_crop, to_model_input
 from vitdit.digits import CLASS_NAMES, digits_arrays, split_indices
 from vitdit.errors import VitditError
+from vitdit.precision import LOSS_RTOL
 
 
 def _images(n: int = 8, r: int = 16, seed: int = 0) -> torch.Tensor:
@@ -35,15 +37,19 @@ def test_random_resized_crop_is_seeded_and_full_scale_is_identity():
     c = random_resized_crop(x, torch.Generator().manual_seed(2))
     assert torch.equal(a, b), "the same generator seed must give the same crops (exact resume)"
     assert not torch.allclose(a, c)
-    assert a.shape == x.shape and a.min() >= -1.0 - 1e-5 and a.max() <= 1.0 + 1e-5
+    # Bilinear sampling in fp32 of values in [-1, 1]: a convex combination, off by a few roundings.
+    assert a.shape == x.shape and a.min() >= -1.0 - 4 * U_FP32 and a.max() <= 1.0 + 4 * U_FP32
     # Scale 1 and aspect 1 is the whole image: no crop, and without --hflip no mirroring.
     same = random_resized_crop(x, torch.Generator().manual_seed(3), scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    # Sampling coordinates up to 16 px carry ~4u·16 px of fp32 error, times neighbouring pixels'
+    # difference (at most 2), with the tests' margin of 8 (tests/_tolerance.py).
+    crop_atol = MARGIN * 4 * 16 * 2 * U_FP32
+    torch.testing.assert_close(same, x, atol=crop_atol, rtol=0)
     flipped = random_resized_crop(
         x, torch.Generator().manual_seed(3), scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=True
     )
-    mirrored = [torch.allclose(flipped[i], x[i].flip(-1), atol=1e-5) for i in range(len(x))]
-    kept = [torch.allclose(flipped[i], x[i], atol=1e-5) for i in range(len(x))]
+    mirrored = [torch.allclose(flipped[i], x[i].flip(-1), atol=crop_atol) for i in range(len(x))]
+    kept = [torch.allclose(flipped[i], x[i], atol=crop_atol) for i in range(len(x))]
     assert any(mirrored) and any(kept) and all(m or k for m, k in zip(mirrored, kept))
 
 
@@ -94,8 +100,10 @@ def test_bf16_and_fp32_losses_agree(tmp_path):
     fp32 = np.array(_train_losses(task, images, labels, "fp32", steps=30))
     bf16 = np.array(_train_losses(task, images, labels, "bf16", steps=30))
     print("fp32", fp32.round(4).tolist(), "\nbf16", bf16.round(4).tolist())
-    # Same data, same init: the curves track each other step by step (bf16 rounding only).
-    assert np.abs(fp32 - bf16).max() < 0.05, np.abs(fp32 - bf16)
+    # Same data, same init: the curves track each other step by step (bf16 rounding only). Behaviour
+    # bounds over 30 steps, not rounding bounds: the 5% the precision probe allows (LOSS_RTOL) of a
+    # loss near 1 per step, less on the mean of the last five.
+    assert np.abs(fp32 - bf16).max() < LOSS_RTOL, np.abs(fp32 - bf16)
     assert abs(fp32[-5:].mean() - bf16[-5:].mean()) < 0.02
     assert fp32[-5:].mean() < fp32[:5].mean() - 0.01, "fp32 did not learn"
     assert bf16[-5:].mean() < bf16[:5].mean() - 0.01, "bf16 did not learn"
