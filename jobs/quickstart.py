@@ -1,6 +1,6 @@
 """``vitdit quickstart``: the whole system on one machine, on real data, in minutes (no GPU, no network).
 
-    vitdit quickstart                          # ./quickstart: every stage, ~15 min on 2 CPU cores
+    vitdit quickstart                          # ./quickstart: every stage, ~10 min on 2 CPU cores
     vitdit quickstart --workdir /tmp/qs        # elsewhere; a second run skips the finished stages
     vitdit quickstart --smoke-test             # the same stages at tiny sizes, a minute or two
     vitdit quickstart --print-recipe > my.yaml # the built-in recipe, to edit and run with `vitdit pipeline`
@@ -10,8 +10,8 @@ Runs the built-in recipe below through ``vitdit pipeline``'s orchestration on a 
 1. ``data``: scikit-learn's handwritten digits exported at 16 px (``WORKDIR/data/{train,val}``);
 2. ``vae`` + ``encode``: a small AutoencoderKL (Ray Train), then the train split encoded to
    8×8×4 latents (Ray Data, ``WORKDIR/latents/manifest.json``);
-3. ``vit``: a ViT classifier on the train images, validated on val (Ray Train, 2 workers);
-4. ``dit``: a class-conditional DiT on the latents (Ray Train, 2 workers);
+3. ``vit``: a ViT classifier on the train images, validated on val (Ray Train, 1 worker × 2 threads);
+4. ``dit``: a class-conditional DiT on the latents (Ray Train, 1 worker × 2 threads, compiled);
 5. ``sample`` + ``evaluate``: 20 samples of every class (Ray Data actors, ``WORKDIR/samples``),
    scored by the ViT (accuracy per class, FD, KID, precision/recall) against the real val images
    and the VAE's reconstruction floor; then the memorisation check (``vitdit.memorization``);
@@ -71,9 +71,15 @@ RECIPE: dict[str, Any] = {
             "lr": 1e-3,
             "warmup_steps": 50,
             "lr_schedule": "cosine",
+            # One worker with both cores: in bf16 on an AMD EPYC, 1,266 img/s against 1,130 for two
+            # 1-thread DDP workers (fp32: 750 against 793); one Ray worker group and no all-reduce
+            # (benchmarks/quickstart_levers.py). The 2-worker path is tested by the trainer's tests.
             "num_workers": 1,
             "cpus_per_worker": 2.0,
             "precision": "auto",
+            # Validation every 100 steps (~9 epochs) rather than every epoch (the ViT job's default):
+            # the summary's accuracy is the evaluate stage's own pass over all val images.
+            "eval_every": 100,
         },
         # Class conditioning is what takes the DiT long: it appears at a step count, not an image
         # count (measured in-process on these latents, EMA 0.998, DDIM 50, CFG 4, ViT-classified
@@ -95,6 +101,9 @@ RECIPE: dict[str, Any] = {
             "warmup_steps": 100,
             "lr_schedule": "cosine",
             "ema_decay": 0.998,
+            # One worker with both cores, compiled: 2,025 img/s in bf16 on the EPYC against 1,533 for
+            # two 1-thread workers eager (benchmarks/quickstart_levers.py); batch 64 instead of 128
+            # ran no faster end to end (smaller matmuls) and is not taken.
             "num_workers": 1,
             "cpus_per_worker": 2.0,
             "precision": "auto",

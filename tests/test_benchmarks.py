@@ -176,3 +176,18 @@ def test_data_start_benchmark_smoke(tmp_path):
         "val_split_udf_torch_free_s",
     ):
         assert len(record[key]) == 2 and all(t > 0 for t in record[key]), key
+
+
+@pytest.mark.slow
+def test_quickstart_levers_smoke(tmp_path):
+    """benchmarks/quickstart_levers.py: both layouts (1 process × 2 threads, 2 DDP processes × 1) at
+    both precisions, for both of the quickstart's transformers."""
+    out = tmp_path / "levers.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/quickstart_levers.py", "--smoke", "--json-out", str(out)],
+        check=True, cwd=ROOT, capture_output=True, timeout=600,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["kind"], r["precision"], r["layout"]) for r in rows}
+    assert got == {(k, p, lay) for k in ("vit", "dit") for p in ("fp32", "bf16") for lay in ("1x2", "2x1")}
+    assert all(r["img_per_s"] > 0 and r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"] for r in rows)

@@ -69,7 +69,11 @@ def test_builtin_recipe_is_a_valid_pipeline_recipe(tmp_path, smoke):
     raw = quickstart.build_recipe(str(tmp_path), f"sqlite:///{tmp_path}/mlflow.db", smoke_test=smoke)
     recipe = parse_recipe(raw, source="quickstart")
     assert list(recipe.stages) == [s.name for s in STAGES]  # every stage, in order
-    assert recipe.stages["vit"]["num_workers"] == 2 and recipe.stages["dit"]["num_workers"] == 2
+    for stage in ("vae", "vit", "dit"):  # one worker with both cores each (the 2-worker path: test_train_*)
+        assert (
+            recipe.stages[stage].get("num_workers", 1) == 1 and recipe.stages[stage]["cpus_per_worker"] == 2
+        )
+        assert recipe.stages[stage].get("precision", "auto") == "auto"  # measured by the probe
     if not smoke:
         assert recipe.stages["dit"]["model"] == "DiT-digits/2"
         assert recipe.stages["sample"]["num_samples"] >= 10 * 20  # 20 per class

@@ -116,7 +116,11 @@ class TrainConfig:
     )
     precision: str = dataclasses.field(
         default="auto",
-        metadata={"choices": list(PRECISIONS), "help": "auto: bf16 where the device has bf16 matrix units"},
+        metadata={
+            "choices": list(PRECISIONS),
+            "help": "auto: bf16 on GPUs that support it; on a CPU the faster of fp32 and bf16, "
+            "measured by a few real training steps at start (cached per CPU model and torch version)",
+        },
     )
     compile: bool = dataclasses.field(default=False, metadata={"help": "torch.compile the model"})
     grad_checkpointing: bool = dataclasses.field(
