@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -67,6 +68,28 @@ def run_main(fn: Callable[[], int | None]) -> int:
     except VitditError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # A path given on the command line that is a file where a directory belongs (or the reverse),
+        # or not writable: the user's input, not a bug.
+        detail = f"{e.filename}: {e.strerror or e}" if e.filename is not None else str(e)
+        print(f"error: {detail}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(
+            f"interrupted; every job resumes where it stopped: run the same command again\n  {resume_command()}",
+            file=sys.stderr,
+        )
         return 130
+
+
+def resume_command() -> str:
+    """This process's command line, pasteable (``vitdit ...`` when started through the console script)."""
+    import shlex
+
+    argv = list(sys.argv) or ["vitdit"]
+    head, name = os.path.split(argv[0])
+    if name == "vitdit":
+        argv[0] = "vitdit"
+    elif name.endswith(".py") and os.path.basename(head) == "jobs":  # python -m jobs.<name>
+        argv[:1] = ["python", "-m", f"jobs.{name[:-3]}"]
+    return " ".join(shlex.quote(a) for a in argv)

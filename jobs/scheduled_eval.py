@@ -82,16 +82,20 @@ def run_watch(args: argparse.Namespace) -> int:
         f.name: values[f.name] for f in dataclasses.fields(cls) if f.name not in skip and f.name in values
     }
 
+    # One store for the claims, the sampling and the evaluation (se.store_of says which).
+    uri = se.store_of(args.watch, args.tracking_uri)
+    print(f"watching {args.watch}; claims and results in MLflow at {uri}")
+
     def evaluate(ref, run_id):
         root = args.samples_root or os.path.join(os.path.dirname(ref.path), "eval_samples")
         out = os.path.join(root, os.path.basename(ref.path))
-        common = {"tracking_uri": args.tracking_uri, "mlflow": True}
+        common = {"tracking_uri": uri, "mlflow": True}
         run_sampling(SampleConfig(**pick(SampleConfig, _SAMPLE_SKIP), checkpoint=ref.path, output=out, mlflow_run_id=run_id, **common))  # fmt: skip
         report = run_evaluation(EvalConfig(**pick(EvalConfig, _EVAL_SKIP), samples=out, mlflow_run=run_id, step=ref.step, vae=values.get("vae"), **common))  # fmt: skip
         return report["metrics"]
 
     handled = se.watch(
-        args.watch, evaluate, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        args.watch, evaluate, tracking_uri=uri, experiment=args.experiment,
         every_s=se.parse_duration(args.every), claim_timeout_s=se.parse_duration(args.claim_timeout),
     )  # fmt: skip
     for r in handled:

@@ -250,8 +250,9 @@ def log_evaluation(cfg: EvalConfig, report: dict[str, Any], sampling: dict[str, 
 
     bound_http_waits()
     training = sampling.get("training_run") or {}
-    client = MlflowClient(resolve_tracking_uri(cfg.tracking_uri or training.get("tracking_uri")))
+    uri = resolve_tracking_uri(cfg.tracking_uri or training.get("tracking_uri"))
     try:
+        client = MlflowClient(uri)
         run_id = cfg.mlflow_run
         if run_id is None:
             exp = client.get_experiment_by_name(cfg.experiment)
@@ -283,5 +284,9 @@ def log_evaluation(cfg: EvalConfig, report: dict[str, Any], sampling: dict[str, 
             client.set_terminated(run_id)
         return run_id
     except Exception as e:  # noqa: BLE001 - the report is on disk; tracking is best effort
+        if cfg.mlflow_run:  # the caller (scheduled evaluation) relies on this run getting them
+            raise VitditError(
+                f"logging the evaluation into MLflow run {cfg.mlflow_run} at {uri} failed: {e}"
+            ) from e
         log.warning("MLflow logging of the evaluation failed: %s", e)
         return None

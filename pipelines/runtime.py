@@ -15,6 +15,38 @@ log = logging.getLogger(__name__)
 MIN_LOCAL_LOGICAL_CPUS = 4
 
 
+# Set when this process started the local cluster itself: its resources are then all there will be.
+_started_local = False
+
+
+def started_local_cluster() -> bool:
+    """True when ``init_ray`` started a local cluster in this process (no cluster to grow)."""
+    return _started_local
+
+
+def check_resources(what: str, need: dict[str, float]) -> None:
+    """Fail at once, in one line, when a local cluster cannot ever give ``need`` (e.g. {"CPU": 64}).
+
+    On a cluster joined by address the autoscaler may add nodes, so there it only warns.
+    """
+    from vitdit.errors import VitditError
+
+    have = ray.cluster_resources()
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0)}
+    if not short:
+        return
+    wants = ", ".join(f"{v:g} {k}" for k, v in need.items())
+    has = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in need)
+    if _started_local:
+        raise VitditError(
+            f"{what} needs {wants}; this machine's local Ray cluster has {has}: use fewer workers or "
+            "fewer CPUs per worker (--num-workers, --cpus-per-worker), or join a larger cluster (--address)"
+        )
+    log.warning(
+        "%s needs %s; the cluster has %s now: waiting for the autoscaler to add nodes", what, wants, has
+    )
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join ``address`` (or $RAY_ADDRESS), else start a local cluster; no-op if already initialised."""
     if ray.is_initialized():
@@ -30,6 +62,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     cpus = num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS)
     log.info("starting a local Ray cluster with %d logical CPUs", cpus)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    global _started_local
+    _started_local = True
 
 
 def set_torch_threads(num: float | int | None = None) -> int:

@@ -448,8 +448,8 @@ def log_sampling(cfg: SampleConfig, resolved: dict[str, Any], output: str, secon
     bound_http_waits()
     training = resolved.get("training_run") or {}
     uri = resolve_tracking_uri(cfg.tracking_uri or training.get("tracking_uri"))
-    client = MlflowClient(uri)
     try:
+        client = MlflowClient(uri)
         if cfg.mlflow_run_id:
             run_id = cfg.mlflow_run_id
         else:
@@ -479,5 +479,9 @@ def log_sampling(cfg: SampleConfig, resolved: dict[str, Any], output: str, secon
         log.info("sampling logged to MLflow run %s at %s", run_id, uri)
         return run_id
     except Exception as e:  # noqa: BLE001 - the samples are on disk; tracking is best effort
+        if cfg.mlflow_run_id:  # the caller (scheduled evaluation) relies on this run getting them
+            raise VitditError(
+                f"logging the samples into MLflow run {cfg.mlflow_run_id} at {uri} failed: {e}"
+            ) from e
         log.warning("MLflow logging of the samples failed: %s", e)
         return None

@@ -124,6 +124,27 @@ def find_checkpoints(source: str, client=None) -> tuple[list[CheckpointRef], lis
     return found, deleted
 
 
+def store_of(source: str, tracking_uri: str | None = None) -> str:
+    """The one MLflow store a watcher uses for its claims, the sampling and the evaluation.
+
+    ``tracking_uri`` when given; else, for a run directory, the store its newest checkpoint
+    recorded (where its training run lives, so the evaluations are linked to it); else
+    ``$MLFLOW_TRACKING_URI`` or ./mlflow.db. Claiming in one store while logging into another
+    would mark a checkpoint done whose metrics went nowhere.
+    """
+    from pipelines.tracking import resolve_tracking_uri
+
+    if tracking_uri:
+        return resolve_tracking_uri(tracking_uri)
+    if os.path.isdir(source):
+        found = list_checkpoints(source)
+        if found:
+            recorded = (read_config(found[-1][1]).get("mlflow") or {}).get("tracking_uri")
+            if recorded:
+                return resolve_tracking_uri(recorded)
+    return resolve_tracking_uri(None)
+
+
 class ClaimProtocol:
     """Exactly-once claims of checkpoint keys on an MLflow experiment (see the module docstring)."""
 
@@ -263,14 +284,16 @@ def watch(
     """Evaluate every checkpoint of ``source`` not yet evaluated; with ``every_s`` keep polling.
 
     ``evaluate(ref, run_id)`` samples and evaluates one checkpoint, logging into the MLflow run
-    ``run_id`` (the claim run). Returns one record per checkpoint this watcher handled.
+    ``run_id`` (the claim run, in the store ``store_of(source, tracking_uri)``); it must raise when
+    that logging fails, so the claim ends ``failed`` and a later pass retries. Returns one record
+    per checkpoint this watcher handled.
     """
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import bound_http_waits, resolve_tracking_uri
+    from pipelines.tracking import bound_http_waits
 
     bound_http_waits()
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = MlflowClient(store_of(source, tracking_uri))
     protocol = ClaimProtocol(client, experiment, claim_timeout_s, settle_s)
     stop = stop or threading.Event()
     handled: list[dict[str, Any]] = []

@@ -56,6 +56,10 @@ def test_train_step_benchmark_smoke():
     # (a) identical settings both eager, and (b) best against best, for both model families.
     assert {"same_fp32_sdpa_eager", "same_bf16_math_eager", "best_vs_best"} <= set(dit["ratios"])
     assert {"same_fp32_sdpa_eager", "best_vs_best"} <= set(result["vit"]["ratios"])
+    for part in ("dit", "vit"):  # the >= 1.0x target at identical settings, judged over every pair
+        target = result[part]["same_settings_target"]
+        same = [v for k, v in result[part]["ratios"].items() if k.startswith("same_")]
+        assert target["min_ratio"] == min(same) and target["met"] == (min(same) >= 1.0)
     assert all(0 < r["frac_of_matmul"] for r in dit["rows"])
     assert all("minor_faults_per_step" in r for r in dit["rows"])  # counting: the keep_freed_memory test
     per_round = dit["ratios"]["best_vs_best_per_round"]  # smoke: 2 rounds

@@ -156,3 +156,46 @@ def test_checkpoint_deleted_after_listing_is_skipped(mlflow_server, training_run
     assert "deleted by retention" in caplog.text
     protocol = se.ClaimProtocol(client, f"e-{tmp_path.name}")
     assert protocol.status(ref.key) == "skipped"
+
+
+def test_one_store_per_watcher_derived_from_the_run(mlflow_server, training_run, tmp_path, monkeypatch):
+    """Without --tracking-uri a watcher claims where the checkpoints' training run lives, not in
+    ./mlflow.db (claims in one store and results in another lost every evaluation's metrics)."""
+    client, train_id = training_run
+    root = tmp_path / "run"
+    run_dir = _fake_run_dir(root, [10], train_id)
+    config = root / checkpoint_name(10) / "config.json"
+    config.write_text(
+        json.dumps({"kind": "dit", "step": 10, "mlflow": {"run_id": train_id, "tracking_uri": mlflow_server}})
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert se.store_of(run_dir) == mlflow_server
+    assert se.store_of(run_dir, "sqlite:///other.db") == f"sqlite:///{tmp_path / 'other.db'}"  # explicit wins
+    assert se.store_of(str(tmp_path / "empty")) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = f"eval-{tmp_path.name}"
+    (record,) = se.watch(run_dir, Recorder(delay=0), experiment=experiment, settle_s=0.1)
+    assert record["state"] == "done"
+    assert client.get_run(record["run_id"]).data.tags[se.TAG_STATE] == "done"  # on the training run's server
+    assert client.get_run(train_id).data.tags["vitdit.eval.00000010"] == record["run_id"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_logging_into_a_given_run_that_fails_is_an_error_not_a_warning(tmp_path):
+    """Scheduled evaluation hands sampling and evaluation its claim run: if logging there fails, the
+    evaluation must fail (claim retryable), not report success with the metrics lost."""
+    from pipelines.evaluate import EvalConfig, log_evaluation
+
+    report_path = tmp_path / "report.json"
+    report_path.write_text("{}")
+    report = {
+        "step": 10, "metrics": {"eval/fd": 1.0}, "extractor": {"sha256": "x", "checkpoint": "c"},
+        "reference": "r", "inception_weights_sha256": None, "report_path": str(report_path),
+    }  # fmt: skip
+    cfg = EvalConfig(samples=str(tmp_path), reference="r", classifier="c", mlflow_run="no-such-run",
+                     tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")  # fmt: skip
+    with pytest.raises(se.VitditError, match="no-such-run"):
+        log_evaluation(cfg, report, {})
+    # A standalone evaluation (no run given) keeps its report and only warns.
+    assert log_evaluation(EvalConfig(samples=str(tmp_path), reference="r", classifier="c",
+                                     tracking_uri="sqlite:////proc/no-such-dir/m.db"), report, {}) is None  # fmt: skip

@@ -149,3 +149,26 @@ def test_nan_stops_every_rank_without_retry(ray_session, tmp_path, capsys):
     assert max(read_train_log(str(out))) == 4
     with pytest.raises(NonFiniteLossError):
         raise NonFiniteLossError("type is importable for callers")
+
+
+def test_more_workers_than_the_local_cluster_has_fail_at_once(ray_session, tmp_path, monkeypatch, capsys):
+    """Ray Train retries a worker group that cannot be placed forever (ignoring --max-failures): the
+    trainer checks the local cluster's resources before fit() and exits 2 in one line."""
+    import ray
+
+    from jobs._common import run_main
+    from pipelines import runtime
+
+    monkeypatch.setattr(runtime, "_started_local", True)  # the suite's cluster is a fixed local one
+    cpus = ray.cluster_resources()["CPU"]
+    t0 = time.monotonic()
+    cfg = _cfg(tmp_path / "run", num_workers=64, global_batch_size=64, micro_batch_size=None)
+    assert run_main(lambda: run_training(TinyTask(), cfg)) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"needs 64 CPU; this machine's local Ray cluster has {cpus:g} CPU" in err and "--num-workers" in err
+    )
+    assert time.monotonic() - t0 < 10 and not (tmp_path / "run").exists()  # no fit, no run directory
+    runtime.check_resources("two small workers", {"CPU": 2.0})  # what fits passes
+    monkeypatch.setattr(runtime, "_started_local", False)  # a joined cluster may grow: a warning only
+    runtime.check_resources("a large job", {"CPU": 64.0})

@@ -1013,10 +1013,19 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import check_resources, init_ray
     from pipelines.train.mlflow_logger import RunHandle
 
     _check_config(cfg)
+    init_ray(cfg.address)
+    # Ray Train would otherwise retry its worker-group start forever on a cluster that cannot fit it.
+    check_resources(
+        f"--num-workers {cfg.num_workers} × --cpus-per-worker {cfg.cpus_per_worker:g}",
+        {
+            "CPU": cfg.num_workers * cfg.cpus_per_worker,
+            **({"GPU": float(cfg.num_workers)} if cfg.use_gpu else {}),
+        },
+    )
     output = cfg.output if is_uri(cfg.output) else os.path.abspath(cfg.output)
     cfg = dataclasses.replace(cfg, output=output)
     resume_dir = resolve_checkpoint_dir(cfg.resume) if cfg.resume else None
@@ -1039,7 +1048,6 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
         if os.path.exists(marker):
             os.remove(marker)
 
-    init_ray(cfg.address)
     datasets = task.datasets()
     columns = task.batch_columns()
     if columns:
