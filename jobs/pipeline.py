@@ -39,6 +39,41 @@ class PipelineConfig:
     dry_run: bool = dataclasses.field(default=False, metadata={"help": "print the plan and exit"})
 
 
+def job_flags(module: str) -> set[str]:
+    """The long flags that ``jobs.<module>`` accepts, read from its own ``--help``."""
+    import contextlib
+    import importlib
+    import io
+    import re
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        importlib.import_module(f"jobs.{module}").main(["--help"])
+    return set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", out.getvalue()))
+
+
+def check_stage_flags(recipe) -> None:
+    """Every key of every stage is a flag of that stage's job: a typo fails before anything runs."""
+    import difflib
+
+    from pipelines.recipe import STAGES
+    from vitdit.errors import VitditError
+
+    for stage in STAGES:
+        keys = recipe.stages.get(stage.name)
+        if not keys:
+            continue
+        flags = job_flags(stage.module)
+        for key in keys:
+            flag = "--" + str(key).replace("_", "-")
+            if flag not in flags:
+                near = difflib.get_close_matches(flag, sorted(flags), n=1)
+                hint = f" (did you mean {near[0][2:].replace('-', '_')}?)" if near else ""
+                raise VitditError(
+                    f"{recipe.source}: stages.{stage.name}.{key}: not a flag of `vitdit {stage.module}`{hint}"
+                )
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "vitdit pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("recipe", help="recipe YAML, e.g. configs/digits.yaml")
@@ -51,6 +86,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from pipelines.tracking import resolve_tracking_uri
 
         recipe = load_recipe(args.recipe)
+        check_stage_flags(recipe)
         if cfg.dry_run:
             for stage, stage_argv, complete in plan(recipe, strict=False):
                 state = {True: "complete, skip", False: "to run", None: "output unreachable"}[complete]

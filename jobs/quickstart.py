@@ -522,6 +522,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(yaml.safe_dump(raw, sort_keys=False), end="")
             return 0
         recipe = parse_recipe(raw, source="vitdit quickstart (built-in recipe)")
+        from jobs.pipeline import check_stage_flags
+
+        check_stage_flags(recipe)
         if cfg.dry_run:
             for stage, stage_argv, complete in plan(recipe, strict=False):
                 state = "complete, skip" if complete else "to run"

@@ -242,3 +242,22 @@ def test_pipeline_cli_runs_the_data_stage_and_skips_it_next_time(tmp_path):
 # It lives in tests/test_quickstart.py (test_quickstart_smoke_through_ray_job_api_then_rerun_skips):
 # the quickstart's built-in recipe at smoke sizes is submitted through the Ray job API to a Ray head
 # on loopback with a real `mlflow server`, so one pipeline run serves both issues' tests.
+
+
+def test_a_stage_key_that_is_no_flag_of_its_job_fails_before_anything_runs(tmp_path, capsys):
+    """A typo in a stage's flags used to pass --dry-run and fail mid-pipeline, after hours of stages."""
+    from jobs.pipeline import check_stage_flags, main
+
+    raw = _recipe_dict(tmp_path / "w")
+    raw["stages"]["dit"]["global_batch_sze"] = 64
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main([str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.dit.global_batch_sze: not a flag of `vitdit train_dit`" in err
+    assert "did you mean global_batch_size?" in err
+    assert not (tmp_path / "w").exists()  # nothing ran
+    check_stage_flags(parse_recipe(_recipe_dict(tmp_path / "w")))  # the good recipe passes
+    raw["stages"]["dit"].pop("global_batch_sze")
+    raw["stages"]["vit"]["compile"] = False  # a boolean flag's --no- form exists too
+    check_stage_flags(parse_recipe(raw))
