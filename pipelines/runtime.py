@@ -19,11 +19,6 @@ MIN_LOCAL_LOGICAL_CPUS = 4
 _started_local = False
 
 
-def started_local_cluster() -> bool:
-    """True when ``init_ray`` started a local cluster in this process (no cluster to grow)."""
-    return _started_local
-
-
 def check_resources(what: str, need: dict[str, float]) -> None:
     """Fail at once, in one line, when a local cluster cannot ever give ``need`` (e.g. {"CPU": 64}).
 

@@ -1,10 +1,11 @@
-"""``--precision auto`` by measurement: time one real training step per candidate precision.
+"""``--precision auto`` by measurement: time a few real training steps per candidate precision.
 
 Which precision trains fastest on a CPU is not readable from its flags. Measured on this project's
-2-core machines (benchmarks/RESULTS.md): on an Intel Xeon with AMX-BF16, bf16 autocast ran the
-quickstart's models ~1.5-2× fp32; on an AVX-512 Xeon without bf16 instructions torch emulates bf16
-matmuls and bf16 was ~4× *slower*; on an AMD EPYC with AVX512-BF16 and no AMX, bf16 was 1.25-1.5×
-faster. So the trainer asks the machine: a short probe at start-up, per candidate
+2-core machines (benchmarks/RESULTS.md, README): on an Intel Xeon with AMX-BF16, an eager bf16 step
+of DiT-digits/2 ran 760 img/s per thread against 535-575 in fp32; on an AVX-512 Xeon without bf16
+instructions torch emulates bf16 matmuls (42 GFLOP/s against 155 fp32), so bf16 is the slow one; on
+an AMD EPYC with AVX512-BF16 and no AMX, this probe measured bf16 steps 1.5-1.7× faster than fp32
+for the quickstart's models. So the trainer asks the machine: a short probe at start-up, per candidate
 
 - the achieved GFLOP/s of a square matmul (a figure to record next to the step times);
 - the wall time of real training steps (forward, loss, backward, fused AdamW) of the model being
