@@ -41,7 +41,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if base is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        if typing.get_origin(base) in (tuple, list):
+        if typing.get_origin(base) in (tuple, list) and f.metadata.get("repeat"):
+            # A repeatable flag (``--prompt A --prompt B``): values may contain commas.
+            kwargs.update(action="append", type=typing.get_args(base)[0], default=None)
+        elif typing.get_origin(base) in (tuple, list):
             inner = typing.get_args(base)[0]
             kwargs["type"] = lambda s, inner=inner: tuple(inner(x) for x in s.split(",") if x != "")
         elif base in (int, float, str):
@@ -50,14 +53,20 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             kwargs.pop("default")
             kwargs["required"] = True
         kwargs["help"] = (
-            (kwargs["help"] + f" (default: {default})").strip() if not required else kwargs["help"]
+            (kwargs["help"] + f" (default: {default})").strip()
+            if not required and not f.metadata.get("repeat")
+            else kwargs["help"]
         )
         parser.add_argument(_flag(f.name), **kwargs)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    for name, f in fields.items():  # repeatable flags: argparse gives a list or None
+        if f.metadata.get("repeat") and name in values:
+            values[name] = tuple(values[name] or ())
+    return cls(**values)
 
 
 def run_main(fn: Callable[[], int | None]) -> int:
