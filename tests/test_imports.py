@@ -37,3 +37,17 @@ def test_modules_of_ray_data_udfs_do_not_import_torch():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert lazy.stdout.strip() == "vitdit.models"
+
+
+def test_vit_model_does_not_import_the_converters():
+    """The dependency runs one way, convert → models.vit: building a ViT and loading a timm-layout
+    state dict into it (what needs the key normalisation) import no converter module."""
+    code = (
+        "import sys\n"
+        "from vitdit.models.vit import VIT_PRESETS, ViT\n"
+        "model = ViT(VIT_PRESETS['ViT-test/4'])\n"
+        "model.load_pretrained({'module.' + k: v for k, v in model.state_dict().items()})\n"
+        "print('vitdit.convert' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,8 +1,9 @@
 """Weight converters between vitdit's ViT and other libraries' layouts.
 
-- timm → vitdit: the names already match (vitdit's ViT uses timm's), so :func:`timm_to_vitdit` only
-  unwraps and validates: it strips wrapper prefixes and refuses timm variants this ViT does not
-  implement (register tokens, distillation token, layer scale, average pooling), naming the keys.
+- timm → vitdit: the names already match (vitdit's ViT uses timm's), so :func:`timm_to_vitdit`
+  (defined in :mod:`vitdit.models.vit`, which needs it to load checkpoints) only unwraps and
+  validates: it strips wrapper prefixes and refuses timm variants this ViT does not implement
+  (register tokens, distillation token, layer scale, average pooling), naming the keys.
 - vitdit → transformers: :func:`vit_to_transformers` builds a ``transformers`` ``ViTModel`` (or
   ``ViTForImageClassification``) with the config mapped and our weights copied in, the fused ``qkv``
   split into query/key/value. Its ``last_hidden_state`` equals our ``forward_features`` (tested to
@@ -20,42 +21,10 @@ from __future__ import annotations
 import torch
 
 from vitdit.errors import VitditError
-from vitdit.models.vit import ViT, ViTConfig
 
-# timm ViT features that vitdit's ViT does not have: a checkpoint holding them would load wrongly.
-_UNSUPPORTED_TIMM_KEYS = {
-    "reg_token": "register tokens",
-    "dist_token": "a distillation token (DeiT)",
-    "head_dist.": "a distillation head (DeiT)",
-    "fc_norm.": "average pooling with fc_norm",
-    "attn_pool.": "attention pooling",
-    ".ls1.": "layer scale",
-    ".ls2.": "layer scale",
-    ".q_norm.": "qk-norm",
-    ".k_norm.": "qk-norm",
-    "norm_pre.": "a pre-norm before the blocks (CLIP)",
-}
-
-
-def timm_to_vitdit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A timm ``VisionTransformer`` state dict (class-token pooling) in vitdit's names.
-
-    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` and ``module.`` (DDP) prefixes; raises
-    :class:`VitditError` naming keys of timm features vitdit's ViT does not implement.
-    """
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-    out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        for pattern, what in _UNSUPPORTED_TIMM_KEYS.items():
-            if key.startswith(pattern) or pattern in key:
-                raise VitditError(
-                    f"checkpoint key {key!r} belongs to {what}, which vitdit's ViT does not implement"
-                )
-        out[key] = value
-    return out
+# timm_to_vitdit lives beside the model that loads with it and is re-exported here, so imports go
+# convert → models.vit only, never back.
+from vitdit.models.vit import ViT, ViTConfig, timm_to_vitdit  # noqa: F401
 
 
 def vit_to_transformers_config(config: ViTConfig, num_labels: int | None = None):

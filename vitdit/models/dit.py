@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from vitdit.errors import VitditError
-from vitdit.models.layers import Attention, Mlp, attention, attention_macs, mlp_macs, patch_tokens
+from vitdit.models.layers import Attention, Mlp, PatchEmbed, attention, attention_macs, mlp_macs
 
 CONDITIONINGS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
 
@@ -153,19 +153,6 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
     emb_w = _sincos_1d(dim // 2, grid_w)  # G², dim/2
     emb_h = _sincos_1d(dim // 2, grid_h)  # G², dim/2
     return np.concatenate([emb_w, emb_h], axis=1)  # G², dim
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p×p patches → tokens, as a strided convolution (timm's ``PatchEmbed.proj``)."""
-
-    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.num_patches = (input_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return patch_tokens(x, self.proj)  # B, N, D (row-major patches; a matmul, see patch_tokens)
 
 
 class TimestepEmbedder(nn.Module):
@@ -369,7 +356,7 @@ class DiT(nn.Module):
         self.out_channels = cfg.out_channels
         self.patch_size = cfg.patch_size
 
-        self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, cfg.hidden_size)
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
         # Fixed sin-cos embedding, stored as a frozen parameter (not a buffer) so the key matches the

@@ -1,4 +1,4 @@
-"""Pieces shared by ViT and DiT: multi-head self-attention and the transformer MLP.
+"""Pieces shared by ViT and DiT: patch embedding, multi-head self-attention and the transformer MLP.
 
 Parameter names follow timm (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``), which is also
 what the facebookresearch/DiT release uses, so published checkpoints load with ``strict=True``.
@@ -118,6 +118,22 @@ def patch_tokens(x: torch.Tensor, proj: nn.Conv2d) -> torch.Tensor:
     gh, gw = H // p, W // p
     patches = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, C * p * p)
     return F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)  # B, N, D
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches → (B, N, D) tokens, as a strided convolution ``proj``.
+
+    timm's ``PatchEmbed`` structure (a ``proj`` Conv2d), so the keys are ``patch_embed.proj.*`` in the
+    ViT (timm's checkpoints) and ``x_embedder.proj.*`` in the DiT (the facebookresearch/DiT release).
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return patch_tokens(x, self.proj)  # B, N, D (row-major patches; a matmul, see patch_tokens)
 
 
 def set_attn_impl(model: nn.Module, impl: str) -> nn.Module:

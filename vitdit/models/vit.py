@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitdit.errors import VitditError
-from vitdit.models.layers import Attention, Mlp, attention_macs, mlp_macs, patch_tokens
+from vitdit.models.layers import Attention, Mlp, PatchEmbed, attention_macs, mlp_macs
 
 
 @dataclass(frozen=True)
@@ -121,15 +121,40 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: 
     return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches → tokens, as a strided convolution (timm's ``patch_embed.proj``)."""
+# timm ViT features that vitdit's ViT does not have: a checkpoint holding them would load wrongly.
+_UNSUPPORTED_TIMM_KEYS = {
+    "reg_token": "register tokens",
+    "dist_token": "a distillation token (DeiT)",
+    "head_dist.": "a distillation head (DeiT)",
+    "fc_norm.": "average pooling with fc_norm",
+    "attn_pool.": "attention pooling",
+    ".ls1.": "layer scale",
+    ".ls2.": "layer scale",
+    ".q_norm.": "qk-norm",
+    ".k_norm.": "qk-norm",
+    "norm_pre.": "a pre-norm before the blocks (CLIP)",
+}
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return patch_tokens(x, self.proj)  # B, N, D (row-major patches; a matmul, see patch_tokens)
+def timm_to_vitdit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ``VisionTransformer`` state dict (class-token pooling) in vitdit's names.
+
+    Unwraps ``{"model": ...}`` / ``{"state_dict": ...}`` and ``module.`` (DDP) prefixes; raises
+    :class:`VitditError` naming keys of timm features vitdit's ViT does not implement.
+    """
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        for pattern, what in _UNSUPPORTED_TIMM_KEYS.items():
+            if key.startswith(pattern) or pattern in key:
+                raise VitditError(
+                    f"checkpoint key {key!r} belongs to {what}, which vitdit's ViT does not implement"
+                )
+        out[key] = value
+    return out
 
 
 class Block(nn.Module):
@@ -272,12 +297,10 @@ class ViT(nn.Module):
     def load_pretrained(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Load a timm-layout state dict (e.g. a timm or AugReg ViT), resizing positions as needed.
 
-        Keys are normalised by :func:`vitdit.convert.timm_to_vitdit` (prefixes, unsupported layouts);
+        Keys are normalised by :func:`timm_to_vitdit` (prefixes, unsupported layouts);
         a head whose class count differs from this model's is an error: build the model with the
         checkpoint's ``num_classes`` or drop ``head.*`` and pass ``strict=False``.
         """
-        from vitdit.convert import timm_to_vitdit
-
         return self.load_state_dict(timm_to_vitdit(state_dict), strict=strict)
 
 
