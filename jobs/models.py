@@ -27,7 +27,10 @@ def preset_table(kind: str | None = None) -> list[dict]:
                 "name": name,
                 "params": sum(p.numel() for p in model.parameters()),
                 "gmacs": model.forward_macs() / 1e9,
-                "input": f"{size}×{size}" + (f"×{cfg.in_channels}" if hasattr(cfg, "in_channels") else ""),
+                "input": f"{size}×{size}"
+                + (f"×{cfg.in_channels}" if hasattr(cfg, "in_channels") else "")
+                # MM-DiT's cost depends on the text length too: counted at the length it is sized for.
+                + (f" + {cfg.context_len} text" if hasattr(cfg, "context_len") else ""),
             }
         )
     return rows
@@ -42,7 +45,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--kind", choices=("vit", "dit"), default=None, help="only this model family")
+    p.add_argument("--kind", choices=("vit", "dit", "mmdit"), default=None, help="only this model family")
     args = p.parse_args(argv)
     print(markdown_table(preset_table(args.kind)))
     return 0
