@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -19,9 +20,11 @@ def _flag(name: str) -> str:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Every field of a config dataclass becomes a ``--kebab-case`` flag (STYLE.md).
+    """Every field of a config dataclass becomes a ``--kebab-case`` flag (docs/design.md, Conventions).
 
-    Field metadata may carry ``help`` and ``choices``. bool fields become ``--x / --no-x``.
+    Field metadata may carry ``help`` and ``choices``. bool fields become ``--x / --no-x``. The
+    default is appended to the help as ``(default: X)`` unless the help already says it in words
+    (``default: ...``) or there is no value to show (None, empty).
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -52,11 +55,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if required:
             kwargs.pop("default")
             kwargs["required"] = True
-        kwargs["help"] = (
-            (kwargs["help"] + f" (default: {default})").strip()
-            if not required and not f.metadata.get("repeat")
-            else kwargs["help"]
-        )
+        says_default = re.search(r"\bdefault:", kwargs["help"]) is not None
+        empty = default is None or (isinstance(default, (tuple, list, str)) and len(default) == 0)
+        if not (required or f.metadata.get("repeat") or says_default or empty):
+            shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+            kwargs["help"] = (kwargs["help"] + f" (default: {shown})").strip()
         parser.add_argument(_flag(f.name), **kwargs)
 
 

@@ -17,11 +17,15 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train vit", "jobs.train_vit", "train a ViT classifier on images (Ray Train)"),
     ("train dit", "jobs.train_dit", "train a DiT on a latent data set (Ray Train)"),
     ("train mmdit", "jobs.train_mmdit", "train an MM-DiT (SD3) on a captioned latent data set (Ray Train)"),
-    ("sample", "jobs.sample", "generate samples from a DiT (--classes) or MM-DiT (--prompt) checkpoint (Ray Data)"),
+    (
+        "sample",
+        "jobs.sample",
+        "generate samples from a DiT (--classes) or MM-DiT (--prompt) checkpoint (Ray Data)",
+    ),
     ("evaluate", "jobs.evaluate", "evaluate samples; --watch evaluates every new checkpoint of a run"),
     ("submit", "jobs.submit", "submit a job in jobs/ to a Ray cluster and stream its logs"),
     ("pipeline", "jobs.pipeline", "run encode → train → sample → evaluate from a YAML recipe"),
-    ("models", "jobs.models", "list model presets with parameter counts and GFLOPs"),
+    ("models", "jobs.models", "list model presets with parameter counts and forward GMACs"),
 ]
 
 

@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataclass_arguments(parser, EvalConfig)
-    parser.add_argument("--watch", help="training run dir or MLflow run id: evaluate each checkpoint once")
+    parser.add_argument(
+        "--watch",
+        help="training run dir or MLflow run id: sample and evaluate each of its checkpoints once "
+        "(watch mode has its own flags: vitdit evaluate --watch RUN --help)",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -18,7 +18,7 @@ Runs the built-in recipe below through ``vitdit pipeline``'s orchestration on a 
 6. one MLflow store (``WORKDIR/mlflow.db``), a summary table, ``WORKDIR/summary.json``.
 
 Why these settings: see the comments in ``RECIPE`` (numbers from a plain-PyTorch feasibility run,
-FACTS.md).
+docs/facts.md).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ RECIPE: dict[str, Any] = {
     "resolution": 16,
     "stages": {
         "data": {},
-        # FACTS.md's working VAE: (32, 64) blocks → 16 px to 8×8×4 latents; KL 1e-2 keeps the
+        # The working VAE of docs/facts.md: (32, 64) blocks → 16 px to 8×8×4 latents; KL 1e-2 keeps the
         # posterior noisy enough for the DiT (1e-4 gave a near-deterministic latent and failed).
         # 300 steps: the validation L1 was flat from step 300 on (0.029 at 300, 0.032 at 600, measured);
         # one worker with both cores (a 1-thread worker took 3.7 min for 600 steps).
@@ -110,7 +110,7 @@ RECIPE: dict[str, Any] = {
             "eval_every": 500,
             "checkpoint_every": 1000,
         },
-        # 20 per class, DDIM 50 steps; CFG 1 gave 75-86% recognised, 2-4 gave >= 98.5% (FACTS.md).
+        # 20 per class, DDIM 50 steps; CFG 1 gave 75-86% recognised, 2-4 gave >= 98.5% (docs/facts.md).
         "sample": {
             "num_samples": 200,
             "cfg_scale": 4.0,
@@ -143,7 +143,7 @@ SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
     "evaluate": {"max_reference": 100, "kid_subsets": 10},
 }
 
-# Targets of the full run (issue 7), checked and printed at the end.
+# Targets of the full run, checked and printed at the end.
 TARGETS = {"vit_val_accuracy": 0.97, "dit_sample_accuracy": 0.90}
 MLFLOW_EXPERIMENT = "vitdit-quickstart"
 # Experiments the stages log to (their default names): created up front with their artifacts

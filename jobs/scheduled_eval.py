@@ -52,8 +52,16 @@ class WatchConfig:
     claim_timeout: str = dataclasses.field(
         default="2h", metadata={"help": "a claim without heartbeat this long is stale"}
     )
-    tracking_uri: str | None = None
-    experiment: str = "vitdit-eval"
+    tracking_uri: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "MLflow store for claims, samples and metrics (default: the one the run's checkpoints "
+            "recorded, else $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+        },
+    )
+    experiment: str = dataclasses.field(
+        default="vitdit-eval", metadata={"help": "MLflow experiment of the claim (= evaluation) runs"}
+    )
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -1,10 +1,11 @@
-"""``vitdit train dit``: train a DiT on a latent data set with Ray Train.
+r"""``vitdit train dit``: train a DiT on a latent data set with Ray Train.
 
 Runbook::
 
-    # the digits quickstart sizes, on a laptop (local Ray cluster, ./mlflow.db)
+    # the quickstart's DiT, on a laptop (local Ray cluster, ./mlflow.db)
     vitdit train dit --latents out/latents --model DiT-digits/2 --output out/dit \
-        --steps 3000 --global-batch-size 256 --lr 1e-3 --warmup-steps 100 --lr-schedule cosine
+        --steps 2500 --global-batch-size 128 --lr 3e-3 --warmup-steps 100 --lr-schedule cosine \
+        --ema-decay 0.998 --cpus-per-worker 2 --compile
 
     # the paper's recipe on a GPU cluster
     vitdit train dit --latents s3://bucket/imagenet256-latents --model DiT-XL/2 \

@@ -20,7 +20,7 @@ import sys
 
 from jobs._common import add_dataclass_arguments, dataclass_from_args, run_main
 
-# FACTS.md's working recipe: batch 64, lr 1e-3. No EMA: a short run's EMA at 0.9999 would be
+# The working recipe of docs/facts.md: batch 64, lr 1e-3. No EMA: a short run's EMA at 0.9999 would be
 # nearly the initial weights.
 VAE_DEFAULTS = {"ema_decay": 0.0, "lr": 1e-3, "global_batch_size": 64, "steps": 600}
 

@@ -54,18 +54,28 @@ class EvalConfig:
     max_reference: int = dataclasses.field(
         default=0, metadata={"help": "use at most N reference images (0: all)"}
     )
-    batch_size: int = 64
-    kid_subsets: int = 100
+    batch_size: int = dataclasses.field(
+        default=64, metadata={"help": "images per forward pass of the feature extractors and the VAE"}
+    )
+    kid_subsets: int = dataclasses.field(
+        default=100, metadata={"help": "random subsets KID is averaged over"}
+    )
     step: int | None = dataclasses.field(
         default=None, metadata={"help": "MLflow step (default: checkpoint's)"}
     )
     report: str | None = dataclasses.field(
         default=None, metadata={"help": "JSON report (default: SAMPLES/evaluation.json)"}
     )
-    mlflow: bool = True
-    mlflow_run: str | None = dataclasses.field(default=None, metadata={"help": "log into this run"})
-    tracking_uri: str | None = None
-    experiment: str = "vitdit-eval"
+    mlflow: bool = dataclasses.field(
+        default=True, metadata={"help": "log the metrics, the report and the grid to MLflow"}
+    )
+    mlflow_run: str | None = dataclasses.field(
+        default=None, metadata={"help": "log into this run (default: a new run)"}
+    )
+    tracking_uri: str | None = dataclasses.field(
+        default=None, metadata={"help": "MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"}
+    )
+    experiment: str = dataclasses.field(default="vitdit-eval", metadata={"help": "MLflow experiment"})
 
 
 def file_sha256(path: str) -> str:

@@ -5,7 +5,7 @@ lists the run's checkpoints, and for each one that has no evaluation yet claims 
 samples, evaluates, and records the result; without ``--every`` it exits after one pass. Run it
 from cron or as a periodic ``ray job submit``; several watchers may run at once.
 
-Claim protocol (MLflow has no create-if-absent and tags are last-writer-wins, FACTS.md):
+Claim protocol (MLflow has no create-if-absent and tags are last-writer-wins, docs/facts.md):
 
 1. A watcher skips a checkpoint whose key already has a ``done`` or ``skipped`` run, or a live claim.
 2. Otherwise it creates a *claim run* in the evaluation experiment (default ``vitdit-eval``) tagged
@@ -344,7 +344,7 @@ def _handle(protocol: ClaimProtocol, client, ref: CheckpointRef, evaluate: Evalu
         return {"step": ref.step, "run_id": run_id, "state": FAILED, "error": str(e)}
     protocol.finish(run_id, DONE)
     if ref.training_run_id:
-        try:  # the link from the training run to its evaluations (DESIGN.md, "MLflow")
+        try:  # the link from the training run to its evaluations (docs/design.md, "MLflow")
             client.set_tag(ref.training_run_id, f"vitdit.eval.{ref.step:08d}", run_id)
         except Exception as e:  # noqa: BLE001 - the training run may live on another server
             log.warning("could not tag training run %s: %s", ref.training_run_id, e)

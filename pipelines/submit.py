@@ -3,7 +3,7 @@
 What it does, and why:
 
 - packages the working directory (``runtime_env["working_dir"]``) with the heavy or private paths
-  excluded: Ray caps the upload at 512 MiB (FACTS.md), and a ``.venv`` or ``runs/`` would blow it;
+  excluded: Ray caps the upload at 512 MiB (docs/facts.md), and a ``.venv`` or ``runs/`` would blow it;
 - passes ``MLFLOW_TRACKING_URI`` through so every stage logs to the same store;
 - streams the job's logs and returns its exit status;
 - keeps credentials out of what ``ray job list`` / the dashboard print. The entrypoint string, the
@@ -187,7 +187,7 @@ def default_python(address: str) -> str:
     """The interpreter for the entrypoint: this one for a head on this machine, else the image's ``python``.
 
     The entrypoint runs through a shell, where a bare ``python`` may be another interpreter
-    (FACTS.md); a head on loopback shares this machine's files, so this interpreter is right there.
+    (docs/facts.md); a head on loopback shares this machine's files, so this interpreter is right there.
     """
     host = urllib.parse.urlsplit(address if "://" in address else "http://" + address).hostname or ""
     return sys.executable if host in ("127.0.0.1", "localhost", "::1") else "python"

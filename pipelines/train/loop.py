@@ -90,24 +90,37 @@ class NonFiniteLossError(VitditError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Flags shared by every ``vitdit train`` command (issue 4)."""
+    """Flags shared by every ``vitdit train`` command."""
 
     output: str = dataclasses.field(metadata={"help": "run directory or URI; checkpoints go under it"})
     steps: int = dataclasses.field(default=1000, metadata={"help": "optimizer steps"})
     global_batch_size: int = dataclasses.field(
         default=256, metadata={"help": "samples per optimizer step, over all workers"}
     )
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = dataclasses.field(default="constant", metadata={"choices": list(SCHEDULES)})
+    lr: float = dataclasses.field(default=1e-4, metadata={"help": "AdamW learning rate after the warm-up"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = dataclasses.field(
+        default=0, metadata={"help": "steps of linear warm-up from 0 to --lr"}
+    )
+    lr_schedule: str = dataclasses.field(
+        default="constant",
+        metadata={
+            "choices": list(SCHEDULES),
+            "help": "after the warm-up: constant, or cosine decay to 0 at --steps",
+        },
+    )
     grad_clip: float = dataclasses.field(
         default=1.0, metadata={"help": "max gradient norm; 0 turns clipping off"}
     )
-    ema_decay: float = 0.9999
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    ema_decay: float = dataclasses.field(
+        default=0.9999,
+        metadata={"help": "decay of the weights' moving average (ema.safetensors), updated every step"},
+    )
+    num_workers: int = dataclasses.field(default=1, metadata={"help": "Ray Train workers (data-parallel)"})
+    use_gpu: bool = dataclasses.field(default=False, metadata={"help": "one GPU per worker"})
+    cpus_per_worker: float = dataclasses.field(
+        default=1.0, metadata={"help": "CPUs per worker, also its torch threads"}
+    )
     micro_batch_size: int | None = dataclasses.field(
         default=None,
         metadata={
@@ -126,7 +139,9 @@ class TrainConfig:
     grad_checkpointing: bool = dataclasses.field(
         default=False, metadata={"help": "recompute transformer blocks in backward to save memory"}
     )
-    checkpoint_every: int = 500
+    checkpoint_every: int = dataclasses.field(
+        default=500, metadata={"help": "steps between checkpoints (the last step always writes one)"}
+    )
     keep_checkpoints: int = dataclasses.field(default=2, metadata={"help": "keep the last K checkpoints"})
     keep_every: int = dataclasses.field(
         default=0, metadata={"help": "also keep every M-th step's checkpoint"}
@@ -152,14 +167,22 @@ class TrainConfig:
             "Data every epoch"
         },
     )
-    log_every: int = 10
+    log_every: int = dataclasses.field(default=10, metadata={"help": "steps between logged metrics"})
     eval_every: int = dataclasses.field(
         default=100, metadata={"help": "validation loss (+ DiT sample grid) cadence"}
     )
-    tracking_uri: str | None = None
-    experiment: str | None = dataclasses.field(default=None, metadata={"help": "default: vitdit-<kind>"})
-    seed: int = 0
-    address: str | None = dataclasses.field(default=None, metadata={"help": "Ray cluster address"})
+    tracking_uri: str | None = dataclasses.field(
+        default=None, metadata={"help": "MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"}
+    )
+    experiment: str | None = dataclasses.field(
+        default=None, metadata={"help": "MLflow experiment (default: vitdit-<kind>)"}
+    )
+    seed: int = dataclasses.field(
+        default=0, metadata={"help": "seed of the initialisation, the data order and the noise"}
+    )
+    address: str | None = dataclasses.field(
+        default=None, metadata={"help": "Ray cluster address (default: $RAY_ADDRESS, else a local cluster)"}
+    )
     peak_tflops: float | None = dataclasses.field(
         default=None, metadata={"help": "peak TFLOP/s for MFU (default: GPU table or measured CPU matmul)"}
     )
@@ -298,7 +321,7 @@ def resolve_precision(precision: str, device: torch.device) -> str | None:
 
 def prepare_for_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
     """What a precision trains with besides autocast: on a CPU, bf16 takes the math attention path
-    (torch's fused SDPA has a slow bf16 backward on CPU; FACTS.md)."""
+    (torch's fused SDPA has a slow bf16 backward on CPU; docs/facts.md)."""
     if precision == "bf16" and device.type == "cpu":
         from vitdit.models.layers import set_attn_impl
 
@@ -1030,7 +1053,7 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
     cfg = dataclasses.replace(cfg, output=output)
     resume_dir = resolve_checkpoint_dir(cfg.resume) if cfg.resume else None
     if not resume_dir and not is_uri(output) and list_checkpoints(output):
-        # Re-running the same command after a crash or a kill finishes the job (DESIGN.md, Errors):
+        # Re-running the same command after a crash or a kill finishes the job (docs/design.md, Errors):
         # a run directory that already holds checkpoints is continued from its latest one.
         resume_dir = resolve_checkpoint_dir(output)
         log.info("--output %s holds checkpoints: continuing from %s", output, resume_dir)

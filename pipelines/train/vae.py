@@ -1,7 +1,7 @@
 """A small diffusers ``AutoencoderKL`` trained on images: the ``TrainTask`` behind ``vitdit train vae``.
 
 This is how the offline defaults get a real encoder (no pretrained VAE can be downloaded here). The
-recipe is the one FACTS.md found to work for the 16 px digits: blocks (32, 64), one layer per block,
+recipe is the one that worked for the 16 px digits (docs/facts.md): blocks (32, 64), one layer per block,
 8 norm groups, 4 latent channels, L1 + L2 reconstruction + 1e-2 × per-element KL (1e-4 gave a
 nearly deterministic latent that a DiT could not learn from). After training, ``scaling_factor`` is
 set to 1 / std of the latents on the training images, as Stable Diffusion's VAE was calibrated, and
@@ -131,7 +131,7 @@ def measure_latent_std(
 ) -> float:
     """Std of posterior samples z = mean + std·ε over every element of ``batches`` (uint8 B×H×W×3).
 
-    This is what the DiT trains on (DESIGN.md: mean + std·ε), so 1/std brings it to unit variance.
+    This is what the DiT trains on (docs/design.md: mean + std·ε), so 1/std brings it to unit variance.
     """
     gen = torch.Generator().manual_seed(seed)
     total, total_sq, count = 0.0, 0.0, 0
