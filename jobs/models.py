@@ -1,15 +1,24 @@
-"""``vitdit models``: the model presets with parameter counts and forward GFLOPs, computed here.
+"""``vitdit models``: the model presets with parameter counts and forward GMACs, computed here.
 
-GFLOPs are the papers' unit: billions of multiply-accumulates of one forward pass on one image
-(the DiT paper's "Gflops"). Training costs about 6× this in FLOPs (3× forward, 2 FLOPs per MAC).
+GMACs are billions of multiply-accumulates of one forward pass on one image: the unit the DiT paper
+calls "Gflops". Training costs about 6× this in FLOPs (3× forward, 2 FLOPs per MAC).
+
+    vitdit models                 # the table, as Markdown
+    vitdit models --write-docs    # rewrite the table in docs/models.md (tests/test_docs.py checks it)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
+
+# The generated table in docs/models.md sits between these markers.
+DOCS_BEGIN = "<!-- models:begin -->"
+DOCS_END = "<!-- models:end -->"
+DOCS_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "models.md")
 
 
 def preset_table(kind: str | None = None) -> list[dict]:
@@ -37,16 +46,57 @@ def preset_table(kind: str | None = None) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The rows of ``preset_table`` as a Markdown table (what docs/models.md holds)."""
     lines = ["| preset | input | parameters | forward GMACs |", "| --- | --- | ---: | ---: |"]
     for r in rows:
         lines.append(f"| `{r['name']}` | {r['input']} | {r['params'] / 1e6:.2f}M | {r['gmacs']:.4g} |")
     return "\n".join(lines)
 
 
+def with_table(text: str, table: str) -> str:
+    """``text`` with what lies between ``DOCS_BEGIN`` and ``DOCS_END`` replaced by ``table``."""
+    from vitdit.errors import VitditError
+
+    start, end = text.find(DOCS_BEGIN), text.find(DOCS_END)
+    if start < 0 or end < start:
+        raise VitditError(f"no {DOCS_BEGIN} ... {DOCS_END} markers, in this order, in the text")
+    return text[: start + len(DOCS_BEGIN)] + "\n" + table + "\n" + text[end:]
+
+
+def write_docs(path: str = DOCS_PATH) -> bool:
+    """Regenerate the preset table in ``path`` (docs/models.md); True when the file changed."""
+    from vitdit.errors import VitditError
+
+    if not os.path.isfile(path):
+        raise VitditError(f"{path}: no such file (--write-docs works in a repository checkout)")
+    with open(path, encoding="utf-8") as f:
+        old = f.read()
+    new = with_table(old, markdown_table(preset_table()))
+    if new != old:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != old
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--kind", choices=("vit", "dit", "mmdit"), default=None, help="only this model family")
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="rewrite the table between the markers of docs/models.md (in a repository checkout)",
+    )
     args = p.parse_args(argv)
+    if args.write_docs:
+
+        def body() -> int:
+            changed = write_docs()
+            print(f"{DOCS_PATH}: {'table updated' if changed else 'already up to date'}")
+            return 0
+
+        from jobs._common import run_main
+
+        return run_main(body)
     print(markdown_table(preset_table(args.kind)))
     return 0
 

@@ -10,7 +10,7 @@ import ray
 log = logging.getLogger(__name__)
 
 # On a 2-core machine, training workers at 1 CPU each leave Ray Data no CPU and the stream hangs
-# (FACTS.md). A local cluster therefore advertises at least this many logical CPUs; each task and
+# (docs/facts.md). A local cluster therefore advertises at least this many logical CPUs; each task and
 # actor sets torch's thread count to what it was given.
 MIN_LOCAL_LOGICAL_CPUS = 4
 

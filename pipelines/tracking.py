@@ -1,6 +1,6 @@
 """MLflow plumbing shared by every job: one tracking URI, bounded network waits.
 
-Only the driver or rank 0 calls into this module (DESIGN.md, "MLflow").
+Only the driver or rank 0 calls into this module (docs/design.md, "MLflow").
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 DEFAULT_SQLITE = "mlflow.db"
 
 # The HTTP client's defaults (7 retries, backoff 2, 120 s timeout) can block a logging call for
-# minutes when the server is away (FACTS.md). Jobs bound them unless the user set them.
+# minutes when the server is away (docs/facts.md). Jobs bound them unless the user set them.
 BOUNDED_HTTP_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
