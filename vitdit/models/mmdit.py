@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from vitdit.errors import VitditError
 from vitdit.models.dit import FREQUENCY_EMBEDDING_SIZE, modulate, timestep_embedding
-from vitdit.models.layers import Mlp, attention, attention_macs, mlp_macs, patch_tokens
+from vitdit.models.layers import Mlp, PatchEmbed, attention, attention_macs, mlp_macs
 
 # SD3's timestep embedder sees t·1000 for t ∈ [0, 1] (its training used discrete-looking timesteps).
 TIMESTEP_SCALE = 1000.0
@@ -321,17 +321,6 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # each B, D (diffusers: scale, shift)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # B, T, p·p·out
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p×p patches → tokens, as a strided convolution (the release's ``x_embedder.proj``)."""
-
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return patch_tokens(x, self.proj)  # B, h·w, D (row-major patches)
 
 
 class MMDiT(nn.Module):
