@@ -65,25 +65,38 @@ class SampleConfig:
         default=None, metadata={"help": "guide only the first K latent channels (3 = DiT's quirk)"}
     )
     sampler: str = dataclasses.field(default="ddim", metadata={"choices": SAMPLERS})
-    sampling_steps: int = 50
+    sampling_steps: int = dataclasses.field(default=50, metadata={"help": "denoising steps per sample"})
     eta: float = dataclasses.field(default=0.0, metadata={"help": "DDIM eta"})
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, metadata={"help": "sample i's noise depends only on (seed, i)"})
     ema: bool = dataclasses.field(default=True, metadata={"help": "use the EMA weights (--no-ema: raw)"})
     num_actors: int = dataclasses.field(
         default=1, metadata={"help": "sampling actors (one GPU each with GPUs)"}
     )
     batch_size: int = dataclasses.field(default=16, metadata={"help": "samples per chunk (one model batch)"})
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = dataclasses.field(
+        default=1.0, metadata={"help": "CPUs per sampling actor, also its torch threads"}
+    )
     use_gpu: bool | None = dataclasses.field(
         default=None, metadata={"help": "one GPU per actor (default: when the cluster has GPUs)"}
     )
-    precision: str = dataclasses.field(default="auto", metadata={"choices": PRECISIONS})
+    precision: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "choices": PRECISIONS,
+            "help": "autocast precision; auto: bf16 on GPUs that support it, else fp32",
+        },
+    )
     overwrite: bool = dataclasses.field(
         default=False, metadata={"help": "replace samples made with other flags"}
     )
     mlflow: bool = dataclasses.field(default=True, metadata={"help": "log the grid and config to MLflow"})
-    tracking_uri: str | None = None
-    experiment: str = "vitdit-sample"
+    tracking_uri: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "MLflow store (default: the training run's, else $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+        },
+    )
+    experiment: str = dataclasses.field(default="vitdit-sample", metadata={"help": "MLflow experiment"})
     mlflow_run_id: str | None = dataclasses.field(default=None, metadata={"help": "log into this run"})
     address: str | None = dataclasses.field(default=None, metadata={"help": "Ray address (default: local)"})
 
