@@ -1,6 +1,6 @@
 """Precompute VAE latents with Ray Data: read → preprocess (CPU tasks) → encode (actor pool) → parts.
 
-Exactly-once output, whatever happens to the driver (DESIGN.md, "Latent dataset"):
+Exactly-once output, whatever happens to the driver (docs/latent-dataset.md):
 
 1. The source is listed in sorted order into numbered chunks (``pipelines.images``); chunk ``k``
    becomes ``part-<k>.parquet`` and nothing else does.

@@ -3,7 +3,7 @@
 Every source is first *listed* on the driver, in sorted order, into numbered ``Chunk``s: runs of
 ``part_size`` files of a folder, one tar shard, or one parquet row group. The listing fixes each
 image's ``id`` and the chunk it belongs to, so an encode job can write one output part per chunk and
-skip finished chunks on a re-run (exactly-once output, DESIGN.md). The Ray Dataset then reads the
+skip finished chunks on a re-run (exactly-once output, docs/design.md). The Ray Dataset then reads the
 chunks in parallel (one read task per chunk) into rows ``id`` (str), ``label`` (int32, -1 when
 unlabelled), ``bytes`` (binary) and ``chunk`` (int64).
 
@@ -118,7 +118,7 @@ def _info(fs, path: str):
 
 def resolve_splits(root_uri: str) -> tuple[str, str | None]:
     """``(<root>/train, <root>/val)`` when ``<root>/train`` exists (val only if it exists too),
-    else ``(root, None)``: every stage trains on train/ and validates on val/ (DESIGN.md)."""
+    else ``(root, None)``: every stage trains on train/ and validates on val/ (docs/design.md)."""
     fs, path = filesystem_for(root_uri)
     if _info(fs, path).type == pafs.FileType.NotFound:
         raise VitditError(f"{root_uri}: no such file or directory")
