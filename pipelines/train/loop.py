@@ -270,9 +270,9 @@ class TrainResult:
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
     """AdamW with torch's fused kernel on CPU and CUDA, the multi-tensor one elsewhere.
 
-    Fused is one pass over each parameter instead of one per arithmetic step: for DiT-S/2's 32M
-    parameters on this 2-core CPU, 27 ms per step against 119 ms (foreach) — about 9% of a batch-8
-    training step. A resumed run takes the ``fused`` flag from the checkpoint's optimizer state,
+    Fused is one pass over each parameter instead of one per arithmetic step: several times faster
+    than the multi-tensor kernel on CPUs (benchmarks/RESULTS.md, "later runs" of train_step.py).
+    A resumed run takes the ``fused`` flag from the checkpoint's optimizer state,
     so a run continues with the kernel it started with.
     """
     if device.type in ("cpu", "cuda"):
@@ -429,7 +429,7 @@ class _EpochIterator:
         self.batches_in_epoch = 0
         # Small data sets: one pass into memory, then a permutation seeded by (seed, epoch) every
         # epoch. Streaming a few batches per epoch spends most of the step waiting on Ray Data to
-        # start each epoch's execution (measured: data_wait_frac 0.85 on the digits' latents).
+        # start each epoch's execution (benchmarks/RESULTS.md, "CPU: training start-up").
         # The cache is filled without a shuffle, in Ray Data's preserved block order, so the order
         # of every epoch is a pure function of (seed, epoch) and a resume is exact.
         self.cache = self._fill_cache() if cache else None
@@ -596,9 +596,9 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     precision = resolve_precision(cfg.precision, device)  # None: measured below, on a real batch
     micro, accum = batch_plan(cfg.global_batch_size, world, cfg.micro_batch_size)
     # The shards first: rank 0's first request for the train shard makes Ray Train start Ray Data's
-    # split coordinator, an actor in a new process (3.3-3.5 s here), which then comes up while the
-    # model, the optimizer (whose first construction imports torch._dynamo, ~1.4 s) and the
-    # checkpoint load. The tiny trainer task's first step came 1-2 s sooner.
+    # split coordinator, an actor in a new process, which then comes up while the model, the
+    # optimizer (whose first construction imports torch._dynamo) and the checkpoint load
+    # (benchmarks/RESULTS.md, "CPU: training start-up").
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if rank == 0 and loop_config.get("has_val") else None
 
@@ -709,9 +709,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     if val_shard is not None:
         val_batches = _ValidationBatches(val_shard, micro, cfg.cache_rows)
     # Rank 0 reads a small validation set and imports what the sample grid needs in the background
-    # while training starts, instead of stalling the first evaluation on them. The digits DiT job
-    # test: the first evaluation took 8.2 s without this, 4.5-5.8 s with it (4 runs); the thread
-    # competes with the first steps for the CPU.
+    # while training starts, instead of stalling the first evaluation on them; the thread competes
+    # with the first steps for the CPU (benchmarks/RESULTS.md, "CPU: training start-up").
     warm_up = _start_warm_up(task, val_batches) if rank == 0 else None
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     use_autocast = precision == "bf16"
@@ -954,9 +953,9 @@ class _ValidationBatches:
     """The validation shard's batches; kept in memory after the first pass when it is small.
 
     Small validation sets (at most ``cache_rows`` rows, e.g. the digits' 360 images) are read from
-    Ray Data once: the ViT validates every epoch, and starting a Ray Data execution per validation
-    cost more than the validation itself (the quickstart's ViT validates ~100 times; reading once
-    took its stage from 323 s to 248 s).
+    Ray Data once: the ViT may validate every epoch, and starting a Ray Data execution per
+    validation cost more than the validation itself (benchmarks/RESULTS.md, "CPU: training
+    start-up").
     The batches are the same either way (the val data set is not shuffled).
     """
 
