@@ -1,11 +1,22 @@
 """DiT training on a latent data set: the DiT recipe at pre-extracted speed.
 
 Each step samples ``z = mean + std·ε`` from the stored VAE posterior (and a random flip when the
-data set has flips), scales it with the manifest's VAE factors (``(z - shift) * scale``: never a
-hard-coded 0.18215), draws t uniformly and trains on the hybrid loss of ``vitdit.diffusion``
-(L_simple + the VLB term for the learned variance). Labels are dropped with the model's
-``class_dropout_prob`` (classifier-free guidance); a data set without class names trains an
-unconditional model (every label is the null class).
+data set has flips) and scales it with the manifest's VAE factors (``(z - shift) * scale``: never a
+hard-coded 0.18215). Then, by ``--objective``:
+
+- ``diffusion`` (the DiT paper): t uniform over 1000 steps and the hybrid loss of
+  ``vitdit.diffusion`` (L_simple + the VLB term for the learned variance); DDIM sample grid.
+- ``flow`` (rectified flow, SD3's objective, ``vitdit.diffusion.flow``): t from ``--flow-t-sampling``
+  (shifted by ``--flow-shift``), the (weighted) MSE of the predicted velocity ``noise - x0``. The DiT
+  has no learned variance (out channels = in channels) and gets ``1000·t``: its timestep embedding was
+  made for DDPM's integer steps 0…999, and SD3 feeds its transformer ``1000·sigma`` the same way.
+  The sample grid is the Euler sampler with classifier-free guidance.
+
+Labels are dropped with the model's ``class_dropout_prob`` (classifier-free guidance); a data set
+without class names trains an unconditional model (every label is the null class).
+
+The objective goes into the checkpoint's ``config.json`` under ``"diffusion"`` (see
+``DiTTask.objective_config``), so samplers can tell a flow checkpoint from a diffusion one.
 
 Validation: the loss on held-out latents (``--val-latents``, else a ``--val-fraction`` slice chosen
 by a hash of the row id) at fixed noise and timesteps, and a fixed-seed DDIM sample grid decoded
@@ -24,10 +35,18 @@ import torch
 import torch.nn as nn
 
 from pipelines.train.loop import TrainTask
+from vitdit.diffusion.flow import T_SAMPLINGS, WEIGHTINGS
 from vitdit.errors import VitditError
 from vitdit.latents import FLIP_COLUMNS, ID, LABEL, MEAN, MEAN_FLIP, STD, STD_FLIP
 
 log = logging.getLogger(__name__)
+
+OBJECTIVES = ("diffusion", "flow")
+
+#: A flow-trained DiT gets t·1000 (t in [0, 1]): its sinusoidal timestep embedding was sized for DDPM's
+#: integer steps 0…999 (frequencies 1 down to 1e-4 rad per step); fed t itself, even the fastest
+#: feature would turn less than a radian over the whole range, leaving the embedding nearly constant.
+FLOW_TIMESTEP_SCALE = 1000.0
 
 
 @dataclasses.dataclass
@@ -46,14 +65,48 @@ class DiTTrainConfig:
     class_dropout_prob: float | None = dataclasses.field(
         default=None, metadata={"help": "label dropout for guidance (default: the preset's, 0.1)"}
     )
-    noise_schedule: str = dataclasses.field(default="linear", metadata={"choices": ["linear", "cosine"]})
+    objective: str = dataclasses.field(
+        default="diffusion",
+        metadata={
+            "choices": list(OBJECTIVES),
+            "help": "diffusion: DiT's ε-prediction with learned variance; flow: rectified flow (SD3)",
+        },
+    )
+    noise_schedule: str = dataclasses.field(
+        default="linear", metadata={"choices": ["linear", "cosine"], "help": "β schedule (diffusion only)"}
+    )
+    flow_t_sampling: str = dataclasses.field(
+        default="logit_normal",
+        metadata={"choices": list(T_SAMPLINGS), "help": "how flow training draws t (SD3 paper sec. 3.1)"},
+    )
+    flow_logit_mean: float = dataclasses.field(
+        default=0.0, metadata={"help": "mean of logit(t) for --flow-t-sampling logit_normal"}
+    )
+    flow_logit_std: float = dataclasses.field(
+        default=1.0, metadata={"help": "std of logit(t) for --flow-t-sampling logit_normal"}
+    )
+    flow_mode_scale: float = dataclasses.field(
+        default=1.29, metadata={"help": "scale s of --flow-t-sampling mode, in [-1, 1.75]"}
+    )
+    flow_shift: float = dataclasses.field(
+        default=1.0,
+        metadata={
+            "help": "t → shift·t/(1+(shift-1)·t) for training and the grid's sampler; > 1 favours noise "
+            "(SD3's 1024-px models ship 3.0)"
+        },
+    )
+    flow_weighting: str = dataclasses.field(
+        default="none", metadata={"choices": list(WEIGHTINGS), "help": "flow loss weighting w(t) (SD3's)"}
+    )
     vae: str | None = dataclasses.field(
         default=None, metadata={"help": "VAE to decode the sample grid (default: the manifest's)"}
     )
     grid_samples: int = dataclasses.field(
         default=16, metadata={"help": "samples in the logged grid; 0 turns it off"}
     )
-    grid_steps: int = dataclasses.field(default=10, metadata={"help": "DDIM steps of the sample grid"})
+    grid_steps: int = dataclasses.field(
+        default=10, metadata={"help": "sampler steps of the grid (DDIM; Euler with --objective flow)"}
+    )
     grid_cfg_scale: float = dataclasses.field(default=4.0, metadata={"help": "guidance scale of the grid"})
 
 
@@ -84,6 +137,23 @@ class DiTTask(TrainTask):
             raise VitditError(f"--model {args.model!r}: not a DiT preset; choose one of {list_models('dit')}")
         if not 0.0 <= args.val_fraction < 1.0:
             raise VitditError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+        if args.objective not in OBJECTIVES:
+            raise VitditError(f"--objective {args.objective!r}: choose one of {list(OBJECTIVES)}")
+        self.flow = None
+        if args.objective == "flow":
+            from vitdit.diffusion.flow import RectifiedFlow
+
+            try:
+                self.flow = RectifiedFlow(
+                    t_sampling=args.flow_t_sampling,
+                    logit_mean=args.flow_logit_mean,
+                    logit_std=args.flow_logit_std,
+                    mode_scale=args.flow_mode_scale,
+                    shift=args.flow_shift,
+                    weighting=args.flow_weighting,
+                )
+            except VitditError as e:
+                raise VitditError(f"--objective flow: {e} (see the --flow-* flags)") from None
         self.args = args
         self.manifest = read_manifest(args.latents)
         self.num_train_rows: int | None = self.manifest.num_rows
@@ -103,6 +173,8 @@ class DiTTask(TrainTask):
         }
         if args.class_dropout_prob is not None:
             overrides["class_dropout_prob"] = args.class_dropout_prob
+        if self.flow is not None:
+            overrides["learn_sigma"] = False  # a velocity only: out channels = in channels
         if not self.conditional:
             # The null-class embedding must exist (it is the only one): keep a dropout > 0.
             overrides["class_dropout_prob"] = max(overrides.get("class_dropout_prob", 0.1), 0.1)
@@ -146,7 +218,7 @@ class DiTTask(TrainTask):
             "model_name": self.args.model,
             "model_config": dataclasses.asdict(self.model_cfg),
             "class_names": list(m.class_names),
-            "diffusion": dict(self.diffusion_settings),
+            "diffusion": self.objective_config(),
             "dataset": {
                 "uri": self.args.latents,
                 "fingerprint": m.source_fingerprint,
@@ -156,6 +228,19 @@ class DiTTask(TrainTask):
                 "flips": m.flips,
             },
             "vae": dataclasses.asdict(m.vae),
+        }
+
+    def objective_config(self) -> dict[str, Any]:
+        """config.json's ``"diffusion"``: ``{"objective": "diffusion", noise_schedule, learn_sigma,
+        diffusion_steps}`` or ``{"objective": "flow", t_sampling, logit_mean, logit_std, mode_scale,
+        shift, weighting, timestep_scale, learn_sigma}`` (a config without "objective" is diffusion)."""
+        if self.flow is None:
+            return {"objective": "diffusion", **self.diffusion_settings}
+        return {
+            "objective": "flow",
+            **self.flow.config(),
+            "timestep_scale": FLOW_TIMESTEP_SCALE,
+            "learn_sigma": self.model_cfg.learn_sigma,
         }
 
     # worker side ------------------------------------------------------------------------------
@@ -192,15 +277,27 @@ class DiTTask(TrainTask):
         labels = torch.where((labels < 0) | (labels >= null), torch.full_like(labels, null), labels)
         return x0, labels
 
-    def loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        x0, y = self._x0_and_labels(batch, generator)
+    def _terms(
+        self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms of the objective, t and noise drawn from ``generator``."""
+        if self.flow is not None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            t = self.flow.sample_t(x0.shape[0], device=x0.device, generator=generator)
+            return self.flow.training_losses(
+                lambda x_t, t: model(x_t, t * FLOW_TIMESTEP_SCALE, y), x0, noise=noise, t=t
+            )
         t = torch.randint(
             0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device
         )
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        terms = self.diffusion.training_losses(model, x0, t, model_kwargs={"y": y}, noise=noise)
+        return self.diffusion.training_losses(model, x0, t, model_kwargs={"y": y}, noise=noise)
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x0, y = self._x0_and_labels(batch, generator)
+        terms = self._terms(model, x0, y, generator)
         return terms["loss"].mean(), {"mse": float(terms["mse"].mean().detach())}
 
     def validate(self, model: nn.Module, ema_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
@@ -211,12 +308,10 @@ class DiTTask(TrainTask):
         n = 0
         for batch in batches:
             x0, y = self._x0_and_labels(batch, generator)
-            t = torch.randint(
-                0, self.diffusion.num_timesteps, (x0.shape[0],), generator=generator, device=device
-            )
-            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-            terms = self.diffusion.training_losses(model, x0, t, model_kwargs={"y": y}, noise=noise)
-            ema_terms = self.diffusion.training_losses(ema_model, x0, t, model_kwargs={"y": y}, noise=noise)
+            state = generator.get_state()  # the EMA model sees the same noise and timesteps
+            terms = self._terms(model, x0, y, generator)
+            generator.set_state(state)
+            ema_terms = self._terms(ema_model, x0, y, generator)
             b = x0.shape[0]
             totals["val/loss"] += float(terms["loss"].float().sum())
             totals["val/mse"] += float(terms["mse"].float().sum())
@@ -248,15 +343,14 @@ class DiTTask(TrainTask):
                 pass
 
     def visualize(self, ema_model: nn.Module, step: int):
-        """A fixed-seed DDIM grid of the EMA model (classes cycled), decoded with the VAE."""
+        """A fixed-seed grid of the EMA model (classes cycled), decoded with the VAE: DDIM, or with
+        ``--objective flow`` the Euler sampler, both guided with ``--grid-cfg-scale``."""
         n = self.args.grid_samples
         if n <= 0:
             return None
         vae = self._load_vae()
         if vae is None:
             return None
-        from vitdit.diffusion import create_diffusion
-        from vitdit.diffusion.samplers import cfg_model, ddim_sample
         from vitdit.vae import decode_latents
 
         device = next(ema_model.parameters()).device
@@ -265,22 +359,51 @@ class DiTTask(TrainTask):
         noise = torch.randn(
             (n, cfg.in_channels, cfg.input_size, cfg.input_size), generator=generator, device=device
         )
-        if self.conditional:
-            y = torch.arange(n, device=device) % cfg.num_classes
-            model_fn = cfg_model(ema_model, self.args.grid_cfg_scale, null_class=cfg.num_classes)
-        else:
-            y = torch.full((n,), cfg.num_classes, device=device)
-            model_fn = ema_model
+        null = torch.full((n,), cfg.num_classes, device=device)
+        y = torch.arange(n, device=device) % cfg.num_classes if self.conditional else null
+        with torch.autocast(device_type=device.type, enabled=False):
+            if self.flow is not None:
+                z = self._flow_grid_latents(ema_model, noise.float(), y, null)
+            else:
+                z = self._ddim_grid_latents(ema_model, noise.float(), y)
+            images = decode_latents(vae, z, self.manifest.vae)
+        nrow = cfg.num_classes if self.conditional and cfg.num_classes <= n else int(math.ceil(math.sqrt(n)))
+        return image_grid(images, nrow=max(1, nrow))
+
+    def _ddim_grid_latents(self, ema_model: nn.Module, noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from vitdit.diffusion import create_diffusion
+        from vitdit.diffusion.samplers import cfg_model, ddim_sample
+
+        cfg = self.model_cfg
+        model_fn = (
+            cfg_model(ema_model, self.args.grid_cfg_scale, null_class=cfg.num_classes)
+            if self.conditional
+            else ema_model
+        )
         diffusion = create_diffusion(
             timestep_respacing=f"ddim{self.args.grid_steps}",
             noise_schedule=self.args.noise_schedule,
             learn_sigma=cfg.learn_sigma,
         )
-        with torch.autocast(device_type=device.type, enabled=False):
-            z = ddim_sample(model_fn, diffusion, noise.float(), model_kwargs={"y": y})
-            images = decode_latents(vae, z, self.manifest.vae)
-        nrow = cfg.num_classes if self.conditional and cfg.num_classes <= n else int(math.ceil(math.sqrt(n)))
-        return image_grid(images, nrow=max(1, nrow))
+        return ddim_sample(model_fn, diffusion, noise, model_kwargs={"y": y})
+
+    def _flow_grid_latents(
+        self, ema_model: nn.Module, noise: torch.Tensor, y: torch.Tensor, null: torch.Tensor
+    ) -> torch.Tensor:
+        from vitdit.diffusion.flow import cfg_velocity, euler_sample, scale_timesteps
+
+        model_fn = scale_timesteps(ema_model, FLOW_TIMESTEP_SCALE)
+        if self.conditional:
+            scale = self.args.grid_cfg_scale
+
+            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return cfg_velocity(model_fn, x, t, y, null, scale)
+        else:
+
+            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return model_fn(x, t, y)
+
+        return euler_sample(velocity, noise, self.args.grid_steps, shift=self.flow.shift)
 
     def batch_columns(self) -> list[str] | None:
         return None  # datasets() already selected the tensor columns

@@ -1,4 +1,5 @@
-"""Gaussian diffusion for DiT: schedules, the hybrid loss, timestep respacing and samplers.
+"""Gaussian diffusion for DiT (schedules, the hybrid loss, timestep respacing, samplers) and rectified
+flow (``vitdit.diffusion.flow``: SD3's objective, its Euler sampler and velocity guidance).
 
 Train with ``create_diffusion()`` (all 1000 steps); sample with a respaced one::
 
@@ -11,12 +12,27 @@ Train with ``create_diffusion()`` (all 1000 steps); sample with a respaced one::
     x = ddpm_sample(cfg_model(model, 4.0, null_class=1000), sample_diffusion, noise,
                     model_kwargs={"y": y})
     x = ddim_sample(model, create_diffusion(timestep_respacing="ddim50"), noise, model_kwargs={"y": y})
+
+    flow = RectifiedFlow()                                       # logit-normal t, no weighting
+    losses = flow.training_losses(lambda x, t: model(x, 1000 * t, y), x0)
+    x = euler_sample(lambda x, t: model(x, 1000 * t, y), noise, num_steps=50)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vitdit.diffusion.flow import (
+    T_SAMPLINGS,
+    WEIGHTINGS,
+    RectifiedFlow,
+    cfg_velocity,
+    euler_sample,
+    flow_sigmas,
+    resolution_shift,
+    scale_timesteps,
+    shift_t,
+)
 from vitdit.diffusion.gaussian import NOISE_SCHEDULES, GaussianDiffusion, get_beta_schedule
 from vitdit.diffusion.respace import respace_betas, space_timesteps
 from vitdit.errors import VitditError
@@ -70,4 +86,19 @@ def create_diffusion(
     )
 
 
-__all__ = ["GaussianDiffusion", "create_diffusion", "get_beta_schedule", "respace_betas", "space_timesteps"]
+__all__ = [
+    "T_SAMPLINGS",
+    "WEIGHTINGS",
+    "GaussianDiffusion",
+    "RectifiedFlow",
+    "cfg_velocity",
+    "create_diffusion",
+    "euler_sample",
+    "flow_sigmas",
+    "get_beta_schedule",
+    "resolution_shift",
+    "respace_betas",
+    "scale_timesteps",
+    "shift_t",
+    "space_timesteps",
+]
