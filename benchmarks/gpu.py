@@ -1,6 +1,6 @@
-"""Training throughput and MFU on one GPU: vitdit's DiT and ViT against diffusers and transformers.
+"""Training throughput and MFU on one GPU: vitdit's DiT, MM-DiT and ViT against diffusers and transformers.
 
-Runbook (an H100/H200, from the repo root, nothing installed but torch + diffusers; ~5 minutes)::
+Runbook (an H100/H200, from the repo root, nothing installed but torch + diffusers; ~10 minutes)::
 
     PYTHONPATH=. python benchmarks/gpu.py            # writes $OUT/gpu_bench.json when $OUT is set
     PYTHONPATH=. python benchmarks/gpu.py --smoke    # tiny CPU run (what tests/test_benchmarks.py does)
@@ -12,6 +12,9 @@ Measures, each as a full training step (forward, loss, backward, AdamW step) on 
   compilation": every block shares one graph, so compiling costs one block, not 28);
 - ViT-B/16 at 224 px: vitdit ``ViT`` vs transformers ``ViTModel`` + a linear head (skipped when
   transformers is not importable);
+- SD3-Medium's MM-DiT at 1024 px (128×128×16 latents, 4096 image + 333 text tokens): vitdit
+  ``MMDiT`` vs diffusers ``SD3Transformer2DModel`` of the same configuration, bf16 autocast, eager and
+  compiled (``--mmdit-batch``, ``--mmdit-size`` for another latent side);
 - SD-VAE (the Stable Diffusion AutoencoderKL architecture, random weights) encoding images/s.
 
 MFU = images/s × 6 × forward MACs / peak, with the peak from a table (H100/H200 SXM: 989 TFLOP/s
@@ -377,6 +380,92 @@ def _paired_order(settings: list[dict]) -> list[int]:
     return order
 
 
+# --- MM-DiT (Stable Diffusion 3) ---------------------------------------------------------------------
+def mmdit_config(name: str, input_size: int | None = None, context_len: int | None = None):
+    """An MM-DiT preset's config, optionally at another latent side and text length."""
+    from vitdit.models import get_preset
+
+    overrides = {k: v for k, v in (("input_size", input_size), ("context_len", context_len)) if v}
+    return get_preset(name, **overrides)
+
+
+def build_mmdit(side: str, cfg, device: torch.device) -> nn.Module:
+    """vitdit's MMDiT, or diffusers' SD3Transformer2DModel of the same configuration."""
+    from vitdit.models import model_from_config
+
+    with torch.device(device):  # initialise in place: SD3-Medium is 2B parameters
+        if side == "vitdit":
+            return model_from_config(cfg)
+        from diffusers import SD3Transformer2DModel
+
+        from vitdit.export import _sd3_kwargs
+
+        return SD3Transformer2DModel(**_sd3_kwargs(cfg))
+
+
+def mmdit_train_step(cfg, batch: int, device: torch.device, s: dict) -> Callable[[], None]:
+    """One rectified-flow-style MM-DiT training step (MSE to a velocity target) on random data.
+
+    Attention: ours through ``set_attn_impl``; diffusers has no matmul-softmax-matmul processor for its
+    joint attention, so its "math" setting runs its ``JointAttnProcessor2_0`` with SDPA restricted to
+    torch's MATH backend (the same explicit matmul → softmax → matmul, as an SDPA decomposition).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vitdit.models.layers import set_attn_impl
+
+    side = s["side"]
+    torch.manual_seed(0)
+    model = build_mmdit(side, cfg, device)
+    if side == "vitdit":
+        set_attn_impl(model, s["attn"])
+    model.train()
+    size = cfg.input_size
+    x = torch.randn(batch, cfg.in_channels, size, size, device=device)
+    t = torch.rand(batch, device=device)
+    context = torch.randn(batch, cfg.context_len, cfg.context_dim, device=device)
+    pooled = torch.randn(batch, cfg.pooled_dim, device=device)
+    target = torch.randn(batch, cfg.out_channels, size, size, device=device)
+    if s["compile"]:
+        blocks = model.blocks if side == "vitdit" else model.transformer_blocks
+        apply_compile(model, blocks, s.get("scope", "blocks"))
+    if side == "vitdit":
+        fwd = lambda: model(x, t, context, pooled)  # noqa: E731
+    else:
+        backend = SDPBackend.MATH if s["attn"] == "math" else None
+
+        def fwd() -> torch.Tensor:
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                return model(x, encoder_hidden_states=context, pooled_projections=pooled,
+                             timestep=1000 * t).sample  # fmt: skip
+
+    return train_step_fn(model, fwd, target, device, s["precision"])
+
+
+def bench_mmdit(
+    name: str,
+    batch: int,
+    device: torch.device,
+    settings: list[dict],
+    warmup: int,
+    iters: int,
+    rounds: int = 1,
+    input_size: int | None = None,
+    context_len: int | None = None,
+    inspect: Callable[[Callable[[], None]], dict] | None = None,
+) -> list[dict]:
+    """images/s of one MM-DiT training step per setting {side, precision, compile, attn}, both sides
+    at ``name``'s config (optionally another latent side / text length) and the same batch."""
+    from vitdit.models.mmdit import mmdit_forward_macs
+
+    cfg = mmdit_config(name, input_size, context_len)
+    make = functools.partial(mmdit_train_step, cfg, batch, device)
+    ordered = [s for side in ("vitdit", "diffusers") for s in settings if s["side"] == side]
+    label = f"{name}@{cfg.input_size}+{cfg.context_len}"  # latent side + text tokens
+    flops = 6.0 * mmdit_forward_macs(cfg)
+    return run_settings(label, batch, device, ordered, make, flops, warmup, iters, rounds, inspect)
+
+
 # --- ViT --------------------------------------------------------------------------------------------
 class HFViTClassifier(nn.Module):
     """transformers' ViTModel (no pooler) + a linear head on [cls]: the same network as vitdit's ViT."""
@@ -572,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (seconds); for the tests")
     ap.add_argument("--dit-batch", type=int, default=64)
     ap.add_argument("--vit-batch", type=int, default=128)
+    ap.add_argument("--mmdit-batch", type=int, default=8)
+    ap.add_argument("--mmdit-size", type=int, default=None,
+                    help="latent side of the MM-DiT rows (default: SD3-Medium's 128, i.e. 1024 px)")  # fmt: skip
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
@@ -583,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         help="blocks: regional compilation (one block's graph, quick); model: the whole forward",
     )
     ap.add_argument("--profile", action="store_true", help="print the top ops of each eager DiT step")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit,vae")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit,mmdit,vae")
     ap.add_argument(
         "--json-out", default=None, help="JSON path (default: $OUT/gpu_bench.json when $OUT is set)"
     )
@@ -595,12 +687,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     skip = set(filter(None, args.skip.split(",")))
     if args.smoke:
-        dit_name, vit_name, vit_size = "DiT-test/2", "ViT-test/4", None
-        args.dit_batch, args.vit_batch, args.vae_batch = 2, 2, 2
+        dit_name, vit_name, vit_size, mmdit_name = "DiT-test/2", "ViT-test/4", None, "MMDiT-tiny"
+        args.dit_batch, args.vit_batch, args.vae_batch, args.mmdit_batch = 2, 2, 2, 2
         args.warmup, args.iters = 1, 2
         mm_n, vae_res = 256, 16
     else:
-        dit_name, vit_name, vit_size = "DiT-XL/2", "ViT-B/16", 224
+        dit_name, vit_name, vit_size, mmdit_name = "DiT-XL/2", "ViT-B/16", 224, "SD3-Medium"
         mm_n, vae_res = 8192, 256
     compile_opts = [False] if args.no_compile or args.smoke else [False, True]
 
@@ -610,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "smoke": args.smoke,
         "compile_scope": args.compile_scope,
-        "batches": {"dit": args.dit_batch, "vit": args.vit_batch},
+        "batches": {"dit": args.dit_batch, "vit": args.vit_batch, "mmdit": args.mmdit_batch},
     }
     try:
         import diffusers
@@ -638,6 +730,14 @@ def main(argv: list[str] | None = None) -> int:
         add_mfu(vit_rows, peaks)
         result["vit"] = {"rows": vit_rows, "ratios": ratios(vit_rows, "vitdit", "transformers"),
                          "transformers_available": transformers_available()}  # fmt: skip
+    if "mmdit" not in skip:
+        grid = settings_grid("vitdit", "diffusers", ["bf16"], compile_opts, ["sdpa"])
+        for g in grid:
+            g["scope"] = args.compile_scope
+        mmdit_rows = bench_mmdit(mmdit_name, args.mmdit_batch, device, grid, args.warmup, args.iters,
+                                 input_size=args.mmdit_size)  # fmt: skip
+        add_mfu(mmdit_rows, peaks)
+        result["mmdit"] = {"rows": mmdit_rows, "ratios": ratios(mmdit_rows, "vitdit", "diffusers")}
     if "vae" not in skip:
         result["vae_encode"] = bench_vae_encode(device, args.vae_batch, vae_res, args.smoke, args.iters)
 

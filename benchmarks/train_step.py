@@ -1,14 +1,19 @@
-"""Training-step throughput on this machine's CPU: vitdit's DiT and ViT against diffusers and transformers.
+"""Training-step throughput on this machine's CPU: vitdit's DiT, MM-DiT and ViT against diffusers and
+transformers.
 
 Runbook (from the repo root; ~5-10 minutes on 2 cores, longer when the machine is shared)::
 
     .venv/bin/python benchmarks/train_step.py                  # DiT-S/2 b8 32×32×4, ViT-S/16 b8 224 px
     .venv/bin/python benchmarks/train_step.py --smoke          # tiny presets, seconds (the tests)
     .venv/bin/python benchmarks/train_step.py --vit-size 112   # a quicker ViT row
+    .venv/bin/python benchmarks/train_step.py --skip dit,vit   # MM-DiT only: MMDiT-d8 b8 32×32×16 + 77 text
 
 One full training step (forward, loss, backward, AdamW) on random data per setting, both sides at
 the same configuration and batch; the peers are diffusers' ``DiTTransformer2DModel`` and
-transformers' ``ViTModel`` + a linear head (``benchmarks/gpu.py`` builds them). Settings: precision
+``SD3Transformer2DModel`` and transformers' ``ViTModel`` + a linear head (``benchmarks/gpu.py`` builds
+them). The MM-DiT default is the paper's depth-8 model at 256 px (32×32×16 latents, 256 image tokens)
+with 77 text tokens (CLIP's length), a CPU-sized step like DiT-S/2's; diffusers' joint attention has no
+matmul-softmax-matmul processor, so its "math" rows restrict SDPA to torch's MATH backend. Settings: precision
 (fp32, bf16 autocast), attention path (fused SDPA or matmul-softmax-matmul: diffusers'
 ``AttnProcessor`` and transformers' "eager" are the peers' math paths), and ``torch.compile``
 (per block) at the precision that is fast on this CPU (``--compile-precision auto``: the faster
@@ -54,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu import (  # noqa: E402
     add_mfu,
     bench_dit,
+    bench_mmdit,
     bench_vit,
     keep_freed_memory,
     measure_matmul,
@@ -105,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vit-model", default="ViT-S/16")
     ap.add_argument("--vit-batch", type=int, default=8)
     ap.add_argument("--vit-size", type=int, default=224)
+    ap.add_argument("--mmdit-model", default="MMDiT-d8")
+    ap.add_argument("--mmdit-batch", type=int, default=8)
+    ap.add_argument("--mmdit-size", type=int, default=32, help="latent side of the MM-DiT rows")
+    ap.add_argument("--mmdit-context-len", type=int, default=77, help="text tokens of the MM-DiT rows")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=2, help="timed steps per setting per round")
     ap.add_argument("--rounds", type=int, default=8,
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="precision of the compiled rows; auto: the faster square matmul, measured "
                          "here (bf16 must beat fp32 by 5%%)")  # fmt: skip
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: dit,vit,mmdit")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--keep-heap", action=argparse.BooleanOptionalAction, default=True,
                     help="glibc keeps freed memory, so no step pays page faults for the other side's "
@@ -128,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     if args.smoke:
         args.dit_model, args.vit_model, args.vit_size = "DiT-test/2", "ViT-test/4", None
+        args.mmdit_model, args.mmdit_size, args.mmdit_context_len = "MMDiT-tiny", None, None
         args.dit_batch, args.vit_batch, args.warmup, args.iters, args.compile = 2, 2, 1, 2, False
+        args.mmdit_batch = 2
         args.rounds = min(args.rounds, 2)
         mm_n = 256
     else:
@@ -169,6 +181,21 @@ def main(argv: list[str] | None = None) -> int:
         add_mfu(rows, peaks)
         rows_all += rows
         result["dit"] = {"rows": rows, "ratios": ratios(rows, "vitdit", "diffusers")}
+    if "mmdit" not in skip:
+        rows = bench_mmdit(
+            args.mmdit_model,
+            args.mmdit_batch,
+            device,
+            cpu_settings("vitdit", "diffusers", args.smoke, args.compile, compile_precision),
+            args.warmup,
+            args.iters,
+            rounds=args.rounds,
+            input_size=args.mmdit_size,
+            context_len=args.mmdit_context_len,
+        )
+        add_mfu(rows, peaks)
+        rows_all += rows
+        result["mmdit"] = {"rows": rows, "ratios": ratios(rows, "vitdit", "diffusers")}
     if "vit" not in skip and transformers_available():
         rows = bench_vit(
             args.vit_model,
@@ -183,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         add_mfu(rows, peaks)
         rows_all += rows
         result["vit"] = {"rows": rows, "ratios": ratios(rows, "vitdit", "transformers")}
-    for part in ("dit", "vit"):
+    for part in ("dit", "mmdit", "vit"):
         if part in result:
             same = {k: v for k, v in result[part]["ratios"].items() if k.startswith("same_")}
             result[part]["same_settings_target"] = {
