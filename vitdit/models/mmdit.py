@@ -100,7 +100,7 @@ class MMDiTConfig:
 
 
 def _depth_rule(depth: int, **overrides) -> MMDiTConfig:
-    """The paper's scaling family (Sec. 5.1): hidden size 64·d and d heads of 64 channels."""
+    """The paper's scaling family, parameterised by depth d: hidden size 64·d, d heads of 64 channels."""
     return MMDiTConfig(depth=depth, hidden_size=64 * depth, num_heads=depth, **overrides)
 
 
@@ -176,7 +176,8 @@ class VectorEmbedder(nn.Module):
 
 
 def _qk_norm(kind: str | None, head_dim: int) -> nn.Module:
-    # Per-head RMS norm of queries and keys (SD3.5; "Scaling Vision Transformers to 22B", Sec. 3.1).
+    # Per-head RMS norm of queries and keys (SD3.5), which keeps attention logits bounded in large
+    # models (the SD3 paper's mixed-precision instability fix, after ViT-22B's QK normalisation).
     return nn.RMSNorm(head_dim, eps=1e-6) if kind == "rms_norm" else nn.Identity()
 
 
