@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str, str]] = [
         "jobs.sample",
         "generate samples from a DiT (--classes) or MM-DiT (--prompt) checkpoint (Ray Data)",
     ),
+    ("export", "jobs.export", "write a diffusers DiTPipeline directory from a DiT checkpoint"),
     ("evaluate", "jobs.evaluate", "evaluate samples; --watch evaluates every new checkpoint of a run"),
     ("submit", "jobs.submit", "submit a job in jobs/ to a Ray cluster and stream its logs"),
     ("pipeline", "jobs.pipeline", "run encode → train → sample → evaluate from a YAML recipe"),
