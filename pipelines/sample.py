@@ -33,7 +33,7 @@ from vitdit.errors import VitditError
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("auto", "ddpm", "ddim", "euler")  # auto: DDIM for a diffusion model, Euler for a flow model
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings that change what sample i is: a re-run into the same --output must keep them.
 _DETERMINING = (
@@ -46,6 +46,8 @@ _DETERMINING = (
     "seed",
     "ema",
     "batch_size",
+    "prompts",
+    "shift",
 )
 
 
@@ -64,7 +66,22 @@ class SampleConfig:
     guided_channels: int | None = dataclasses.field(
         default=None, metadata={"help": "guide only the first K latent channels (3 = DiT's quirk)"}
     )
-    sampler: str = dataclasses.field(default="ddim", metadata={"choices": SAMPLERS})
+    prompt: tuple[str, ...] = dataclasses.field(
+        default=(),
+        metadata={"repeat": True, "help": "MM-DiT: a prompt (repeatable); sample i gets prompt i mod count"},
+    )
+    prompts_file: str | None = dataclasses.field(
+        default=None, metadata={"help": 'MM-DiT: prompts, one per line (or .jsonl with a "prompt" key)'}
+    )
+    text_encoder: str | None = dataclasses.field(
+        default=None, metadata={"help": "MM-DiT: text encoder directory (default: the checkpoint's)"}
+    )
+    shift: float | None = dataclasses.field(
+        default=None, metadata={"help": "flow models: Euler time shift (default: the training run's)"}
+    )
+    sampler: str = dataclasses.field(
+        default="auto", metadata={"choices": SAMPLERS, "help": "DDIM/DDPM for diffusion, Euler for flow"}
+    )
     sampling_steps: int = dataclasses.field(default=50, metadata={"help": "denoising steps per sample"})
     eta: float = dataclasses.field(default=0.0, metadata={"help": "DDIM eta"})
     seed: int = dataclasses.field(default=0, metadata={"help": "sample i's noise depends only on (seed, i)"})
@@ -145,9 +162,12 @@ class SampleGenerator:
         self.vae = load_vae(vae_name, device=self.device)
         self.vae_factors = vae_factors
         info = checkpoint_info(self.cfg.checkpoint)
+        self.sampler = _resolve_sampler(self.cfg, info)
         diff = dict(info["diffusion"])
+        # A flow-trained DiT: Euler on its velocity, its timestep embedding fed scale·t (the trainer's).
+        self.flow = diff if diff.get("objective") == "flow" else None
         respacing = (
-            f"ddim{self.cfg.sampling_steps}" if self.cfg.sampler == "ddim" else str(self.cfg.sampling_steps)
+            f"ddim{self.cfg.sampling_steps}" if self.sampler == "ddim" else str(self.cfg.sampling_steps)
         )
         allowed = set(inspect.signature(create_diffusion).parameters) - {"timestep_respacing"}
         diff = {k: v for k, v in diff.items() if k in allowed}
@@ -172,6 +192,27 @@ class SampleGenerator:
 
         return cast
 
+    def _flow_sample(self, noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Euler from noise (t = 1) to t = 0, guided against the null class when cfg_scale ≠ 1."""
+        from vitdit.diffusion.flow import cfg_velocity, euler_sample, scale_timesteps
+
+        model = scale_timesteps(self.model, float(self.flow.get("timestep_scale", 1000.0)))
+
+        def plain(x, t, labels):
+            with torch.autocast(
+                self.device.type, dtype=self.autocast or torch.float32, enabled=bool(self.autocast)
+            ):
+                return model(x, t, labels).float()
+
+        shift = self.cfg.shift if self.cfg.shift is not None else float(self.flow.get("shift", 1.0))
+        scale = self.cfg.cfg_scale
+        if scale == 1.0:
+            velocity = lambda x, t: plain(x, t, y)
+        else:
+            null = torch.full_like(y, self.model.config.num_classes)
+            velocity = lambda x, t: cfg_velocity(plain, x, t, y, null, scale)
+        return euler_sample(velocity, noise, self.cfg.sampling_steps, shift=shift)
+
     @torch.no_grad()
     def generate(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images N×H×W×3 and labels of the given sample indices (one model batch)."""
@@ -185,8 +226,12 @@ class SampleGenerator:
         shape = (mc.in_channels, mc.input_size, mc.input_size)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)  # N, C, h, w
         y = torch.from_numpy(labels).to(self.device)
+        if self.flow is not None:
+            z = self._flow_sample(noise, y)
+            images = decode_latents(self.vae, z, self.vae_factors)  # N, 3, H, W in [-1, 1]
+            return layout.to_uint8(images), labels
         fn = self._model_fn()
-        if self.cfg.sampler == "ddim":
+        if self.sampler == "ddim":
             z = ddim_sample(fn, self.diffusion, noise, {"y": y}, eta=self.cfg.eta, generator=gens)
         else:
             z = ddpm_sample(fn, self.diffusion, noise, {"y": y}, generator=gens)
@@ -217,33 +262,85 @@ class SampleResult:
     config: dict[str, Any]
 
 
+def _checkpoint_info(checkpoint: str) -> dict[str, Any]:
+    """A DiT's ``checkpoint_info``, or an MM-DiT's (same keys plus "text")."""
+    from pipelines.sample_mmdit import mmdit_checkpoint_info
+    from vitdit.checkpoint import read_config, resolve_checkpoint_dir
+    from vitdit.dit_release import is_release_file
+
+    if not is_release_file(checkpoint) and os.path.isdir(checkpoint):
+        path = resolve_checkpoint_dir(checkpoint)
+        config = read_config(path)
+        if config.get("kind") == "mmdit":
+            return mmdit_checkpoint_info(path, config)
+    return checkpoint_info(checkpoint)
+
+
+def _resolve_sampler(cfg: SampleConfig, info: dict[str, Any]) -> str:
+    flow = (info.get("diffusion") or {}).get("objective") == "flow"
+    if cfg.sampler == "auto":
+        return "euler" if flow else "ddim"
+    if flow != (cfg.sampler == "euler"):
+        kind = "rectified-flow" if flow else "diffusion"
+        raise VitditError(
+            f"--sampler {cfg.sampler}: the checkpoint is a {kind} model; use "
+            f"{'euler' if flow else 'ddim or ddpm'} (or auto)"
+        )
+    return cfg.sampler
+
+
 def resolve_sampling(cfg: SampleConfig) -> tuple[dict[str, Any], dict[str, Any], list[int]]:
-    """(checkpoint info, resolved sampling config for sampling.json, classes); validates the flags."""
+    """(checkpoint info, resolved sampling config for sampling.json, labels); validates the flags.
+
+    Labels are class ids for a DiT and prompt indices for an MM-DiT (``resolved["prompts"]``)."""
     if cfg.num_samples <= 0:
         raise VitditError(f"--num-samples {cfg.num_samples}: must be positive")
     if cfg.batch_size <= 0 or cfg.num_actors <= 0:
         raise VitditError(f"--batch-size {cfg.batch_size} / --num-actors {cfg.num_actors}: must be positive")
     if cfg.sampling_steps <= 0:
         raise VitditError(f"--sampling-steps {cfg.sampling_steps}: must be positive")
-    info = checkpoint_info(cfg.checkpoint)
-    num_classes = int(info["model_config"]["num_classes"])
-    classes = list(cfg.classes) or list(range(num_classes))
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise VitditError(f"--classes {bad}: the model has classes 0..{num_classes - 1}")
-    if cfg.cfg_scale != 1.0 and info["model_config"].get("class_dropout_prob", 0) <= 0:
-        raise VitditError(f"--cfg-scale {cfg.cfg_scale}: the model was trained without a null class")
+    info = _checkpoint_info(cfg.checkpoint)
+    sampler = _resolve_sampler(cfg, info)
+    prompts: list[str] = []
+    text_encoder = None
+    if info["kind"] == "mmdit":
+        from pipelines.sample_mmdit import read_prompts, resolve_text_encoder
+
+        if cfg.classes:
+            raise VitditError("--classes: an MM-DiT checkpoint samples from text; use --prompt")
+        prompts = read_prompts(cfg.prompt, cfg.prompts_file)
+        text_encoder = resolve_text_encoder(info, cfg.text_encoder)
+        classes = list(range(len(prompts)))
+    else:
+        if cfg.prompt or cfg.prompts_file:
+            raise VitditError(
+                "--prompt/--prompts-file: the checkpoint is a class-conditional DiT; use --classes"
+            )
+        num_classes = int(info["model_config"]["num_classes"])
+        classes = list(cfg.classes) or list(range(num_classes))
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise VitditError(f"--classes {bad}: the model has classes 0..{num_classes - 1}")
+        if cfg.cfg_scale != 1.0 and info["model_config"].get("class_dropout_prob", 0) <= 0:
+            raise VitditError(f"--cfg-scale {cfg.cfg_scale}: the model was trained without a null class")
     if cfg.vae:
         vae_name = cfg.vae
     elif info["vae"]:
         vae_name = info["vae"]["name_or_path"]
     else:
         raise VitditError(f"--checkpoint {cfg.checkpoint}: records no VAE; pass --vae")
+    flow = (info.get("diffusion") or {}).get("objective") == "flow"
+    shift = (cfg.shift if cfg.shift is not None else info["diffusion"].get("shift", 1.0)) if flow else None
     resolved = {
-        **{k: getattr(cfg, k) for k in _DETERMINING},
+        **{k: getattr(cfg, k) for k in _DETERMINING if hasattr(cfg, k)},
         "checkpoint": info["path"],
         "vae": vae_name,
         "classes": classes,
+        "sampler": sampler,
+        "prompts": prompts,
+        "text_encoder": text_encoder,
+        "shift": shift,
+        "model_kind": "mmdit" if info["kind"] == "mmdit" else "dit",
         "class_names": info["class_names"],
         "num_samples": cfg.num_samples,
         "guided_channels": cfg.guided_channels,
@@ -314,7 +411,24 @@ def run_sampling(cfg: SampleConfig) -> SampleResult:
     if todo:
         init_ray(cfg.address)
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-        actor_cfg = dataclasses.asdict(dataclasses.replace(cfg, use_gpu=use_gpu))
+        actor_cfg = dataclasses.replace(
+            cfg, use_gpu=use_gpu, sampler=resolved["sampler"], shift=resolved["shift"]
+        )
+        generator_cls: type = SampleGenerator
+        if resolved["model_kind"] == "mmdit":
+            from pipelines.sample_mmdit import PromptSampleGenerator
+
+            # The actors see the resolved prompts and the checkpoint directory itself (a run
+            # directory's latest checkpoint could move on while they start).
+            actor_cfg = dataclasses.replace(
+                actor_cfg,
+                checkpoint=info["path"],
+                prompt=tuple(resolved["prompts"]),
+                prompts_file=None,
+                text_encoder=resolved["text_encoder"],
+            )
+            generator_cls = PromptSampleGenerator
+        actor_cfg = dataclasses.asdict(actor_cfg)
         actors = min(cfg.num_actors, len(todo))
         log.info(
             "sampling %d of %d samples in %d chunks of %d with %d actor(s)%s",
@@ -323,7 +437,7 @@ def run_sampling(cfg: SampleConfig) -> SampleResult:
         )  # fmt: skip
         ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(
-            SampleGenerator,
+            generator_cls,
             fn_constructor_kwargs={
                 "config": actor_cfg,
                 "vae_name": resolved["vae"],
@@ -339,6 +453,10 @@ def run_sampling(cfg: SampleConfig) -> SampleResult:
             layout.write_images(output, batch["index"], batch["image"], batch["label"])
             generated += len(batch["index"])
             log.info("sampled %d/%d", len(layout.existing_indices(output)), cfg.num_samples)
+    if resolved["prompts"]:
+        from pipelines.sample_mmdit import write_prompts_file
+
+        write_prompts_file(output, resolved["prompts"], cfg.num_samples)
     layout.finalize(output, cfg.num_samples, resolved)
     seconds = time.time() - t0
     run_id = log_sampling(cfg, resolved, output, seconds) if cfg.mlflow else None

@@ -163,3 +163,58 @@ def write_digit_latents(out_dir: str, vae_dir: str, n: int = 512, flips: bool = 
     with open(os.path.join(out_dir, L.MANIFEST_NAME), "w") as f:
         f.write(manifest.to_json())
     return out_dir
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_TEMPLATES = ("{}", "a {}", "digit {}")  # short: the tiny CLIP of the tests has 16 tokens
+
+
+def write_caption_latents(out_dir: str, vae_dir: str, text_encoder_dir: str, n: int = 512) -> str:
+    """The digit latents of :func:`write_digit_latents` with captions ("a seven", "digit seven", ...) and
+    their text embeddings from a saved transformers text encoder: what ``vitdit encode
+    --text-encoder`` writes (columns, manifest ``text``, ``empty_caption.safetensors``)."""
+    import json
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+    from safetensors.torch import save_file
+
+    from vitdit import latents as L
+    from vitdit.text import TextEncoder
+
+    write_digit_latents(out_dir, vae_dir, n=n)
+    encoder = TextEncoder(text_encoder_dir)
+    with open(os.path.join(out_dir, L.MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    for part in manifest["parts"]:
+        path = os.path.join(out_dir, part["path"])
+        table = pq.read_table(path)
+        labels = table.column(L.LABEL).to_pylist()
+        ids = table.column(L.ID).to_pylist()
+        captions = [
+            CAPTION_TEMPLATES[int(i.split("/")[-1][:5]) % len(CAPTION_TEMPLATES)].format(DIGIT_WORDS[y])
+            for i, y in zip(ids, labels)
+        ]
+        text, pooled = encoder.encode(captions)
+        table = table.append_column(L.CAPTION, pa.array(captions))
+        table = table.append_column(L.TEXT_EMB, ArrowTensorArray.from_numpy(text.numpy().astype(np.float16)))
+        table = table.append_column(
+            L.POOLED_EMB, ArrowTensorArray.from_numpy(pooled.numpy().astype(np.float16))
+        )
+        pq.write_table(table, path)
+    empty_text, empty_pooled = encoder.encode([""])
+    save_file(
+        {L.TEXT_EMB: empty_text[0].contiguous(), L.POOLED_EMB: empty_pooled[0].contiguous()},
+        os.path.join(out_dir, L.EMPTY_CAPTION_NAME),
+    )
+    manifest.update(
+        format_version=L.FORMAT_VERSION,
+        text={**encoder.identity(), "empty_caption": L.EMPTY_CAPTION_NAME, "num_truncated": 0},
+        captioned=n,
+        uncaptioned=0,
+    )
+    with open(os.path.join(out_dir, L.MANIFEST_NAME), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    return out_dir

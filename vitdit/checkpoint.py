@@ -170,7 +170,7 @@ def load_checkpoint(directory: str | os.PathLike) -> Checkpoint:
 
 
 def load_model(ckpt_dir: str | os.PathLike, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a ViT or DiT checkpoint and load its (EMA) weights; returns (model, config).
+    """Rebuild the model of a ViT, DiT or MM-DiT checkpoint and load its (EMA) weights; returns (model, config).
 
     The model is in eval mode on the CPU.
     """
@@ -179,9 +179,9 @@ def load_model(ckpt_dir: str | os.PathLike, use_ema: bool = True) -> tuple[nn.Mo
     ckpt_dir = os.fspath(ckpt_dir)
     config = read_config(ckpt_dir)
     kind = config.get("kind")
-    if kind not in ("vit", "dit"):
+    if kind not in ("vit", "dit", "mmdit"):
         raise VitditError(
-            f"{ckpt_dir}: checkpoint kind {kind!r} has no model to rebuild (expected vit or dit)"
+            f"{ckpt_dir}: checkpoint kind {kind!r} has no model to rebuild (expected vit, dit or mmdit)"
         )
     model = model_from_config(config_from_dict(kind, config["model_config"]))
     name = EMA_NAME if use_ema and os.path.isfile(os.path.join(ckpt_dir, EMA_NAME)) else MODEL_NAME

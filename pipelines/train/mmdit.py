@@ -1,0 +1,356 @@
+"""MM-DiT (Stable Diffusion 3's transformer) training on a captioned latent data set, rectified flow.
+
+Each step samples ``z = mean + std·ε`` from the stored VAE posterior (a random flip when the data set
+has flips), scales it with the manifest's VAE factors, draws t from the flow's t-sampling (SD3:
+logit-normal) and regresses the velocity ``ε − x₀`` of ``x_t = (1 − t)·x₀ + t·ε`` (``vitdit.diffusion.flow``).
+The text condition is the pre-computed ``text_emb`` (tokens × width) and ``pooled_emb`` of the data
+set (``vitdit encode --text-encoder``); with probability ``--caption-dropout-prob`` a sample's pair is
+replaced by the empty caption's (``empty_caption.safetensors`` of the data set): what classifier-free
+guidance later subtracts (SD3's negative prompt is the encoding of "", not zeros).
+
+Validation: the flow loss on held-out latents at fixed noise and t, and a fixed-seed Euler sample
+grid of the EMA model for fixed prompts (the first distinct captions of the data set, whose stored
+embeddings are used, so the trainer never loads the text encoder), decoded with the manifest's VAE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipelines.train.dit import image_grid
+from pipelines.train.loop import TrainTask
+from vitdit.errors import VitditError
+from vitdit.latents import FLIP_COLUMNS, ID, MEAN, MEAN_FLIP, POOLED_EMB, STD, STD_FLIP, TEXT_EMB
+
+log = logging.getLogger(__name__)
+
+_T_SAMPLINGS = ["logit_normal", "uniform", "mode"]
+_WEIGHTINGS = ["none", "sigma_sqrt", "cosmap"]
+
+
+@dataclasses.dataclass
+class MMDiTTrainConfig:
+    """Flags of ``vitdit train mmdit`` beyond the shared training flags."""
+
+    latents: str = dataclasses.field(
+        metadata={"help": "captioned latent data set (`vitdit encode --text-encoder PATH`)"}
+    )
+    model: str = dataclasses.field(
+        default="MMDiT-digits", metadata={"help": "MM-DiT preset, e.g. SD3-Medium (`vitdit models`)"}
+    )
+    val_latents: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "held-out latent data set (default: a --val-fraction slice of --latents)"},
+    )
+    val_fraction: float = dataclasses.field(
+        default=0.05, metadata={"help": "share of rows held out (by id hash) when --val-latents is not given"}
+    )
+    caption_dropout_prob: float = dataclasses.field(
+        default=0.1, metadata={"help": "chance a sample trains on the empty caption (for guidance)"}
+    )
+    t_sampling: str = dataclasses.field(
+        default="logit_normal", metadata={"choices": _T_SAMPLINGS, "help": "how flow times t are drawn"}
+    )
+    logit_mean: float = dataclasses.field(default=0.0, metadata={"help": "logit-normal location m"})
+    logit_std: float = dataclasses.field(default=1.0, metadata={"help": "logit-normal scale s"})
+    shift: float = dataclasses.field(
+        default=1.0, metadata={"help": "time shift α: t ← αt / (1 + (α − 1)t), for training and the grid"}
+    )
+    weighting: str = dataclasses.field(
+        default="none", metadata={"choices": _WEIGHTINGS, "help": "loss weighting over t"}
+    )
+    vae: str | None = dataclasses.field(
+        default=None, metadata={"help": "VAE to decode the sample grid (default: the manifest's)"}
+    )
+    grid_samples: int = dataclasses.field(
+        default=8, metadata={"help": "samples in the logged grid (one per fixed prompt); 0 turns it off"}
+    )
+    grid_steps: int = dataclasses.field(default=20, metadata={"help": "Euler steps of the sample grid"})
+    grid_cfg_scale: float = dataclasses.field(default=4.0, metadata={"help": "guidance scale of the grid"})
+
+
+def _read_prompt_rows(latents: str, manifest, n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The first ``n`` distinct non-empty captions of a data set with their stored embeddings."""
+    import pyarrow.parquet as pq
+
+    from pipelines.latents import _tensor_column_to_numpy, part_paths
+    from vitdit.latents import CAPTION
+
+    fs, paths = part_paths(latents, manifest)
+    tokens, width = manifest.text_shape
+    pooled = manifest.pooled_width
+    captions: list[str] = []
+    text, pool = [], []
+    for path in paths:
+        table = pq.read_table(path, filesystem=fs, columns=[CAPTION, TEXT_EMB, POOLED_EMB])
+        caps = table.column(CAPTION).to_pylist()
+        emb = _tensor_column_to_numpy(table.column(TEXT_EMB).combine_chunks(), (tokens, width))
+        pe = _tensor_column_to_numpy(table.column(POOLED_EMB).combine_chunks(), (pooled,))
+        for i, c in enumerate(caps):
+            if c and c not in captions:
+                captions.append(c)
+                text.append(emb[i].astype(np.float32))
+                pool.append(pe[i].astype(np.float32))
+                if len(captions) == n:
+                    return captions, np.stack(text), np.stack(pool)
+    if not captions:
+        return [], np.zeros((0, tokens, width), np.float32), np.zeros((0, pooled), np.float32)
+    return captions, np.stack(text), np.stack(pool)
+
+
+def _velocity(model: nn.Module, text: torch.Tensor, pooled: torch.Tensor):
+    """The model as a velocity function of (x_t, t) under one text condition."""
+    return lambda x, t: model(x, t, text, pooled)
+
+
+class MMDiTTask(TrainTask):
+    """An MM-DiT on the latents and text embeddings of one data set (see the module docstring)."""
+
+    kind = "mmdit"
+
+    def __init__(self, args: MMDiTTrainConfig):
+        from pipelines.latents import read_empty_caption, read_manifest
+        from vitdit.models import get_preset, list_models
+
+        if args.model not in list_models("mmdit"):
+            raise VitditError(
+                f"--model {args.model!r}: not an MM-DiT preset; choose one of {list_models('mmdit')}"
+            )
+        if not 0.0 <= args.val_fraction < 1.0:
+            raise VitditError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+        if not 0.0 <= args.caption_dropout_prob < 1.0:
+            raise VitditError(f"--caption-dropout-prob {args.caption_dropout_prob}: must be in [0, 1)")
+        self.args = args
+        self.manifest = read_manifest(args.latents)
+        m = self.manifest
+        if not m.text:
+            raise VitditError(
+                f"--latents {args.latents}: has no text embeddings; encode the images with "
+                "`vitdit encode --text-encoder PATH` (captions beside the images) to train an MM-DiT"
+            )
+        empty = read_empty_caption(args.latents)
+        if empty is None:
+            raise VitditError(f"--latents {args.latents}: the empty caption's embedding file is missing")
+        self.empty_text, self.empty_pooled = (e.float() for e in empty)
+        self.num_train_rows: int | None = m.num_rows
+        self.val_manifest = read_manifest(args.val_latents) if args.val_latents else None
+        if self.val_manifest is not None:
+            self.val_manifest.check_compatible(
+                vae=m.vae, latent_shape=tuple(m.latent_shape), where=args.val_latents
+            )
+            if (self.val_manifest.text or {}).get("sha256") != m.text.get("sha256"):
+                raise VitditError(f"--val-latents {args.val_latents}: made with another text encoder")
+        c, h, w = m.latent_shape
+        if h != w:
+            raise VitditError(f"--latents {args.latents}: latents {h}×{w} are not square")
+        # The data decides the sizes the text enters with: the preset's text widths are defaults
+        # for `vitdit models`, the encoder that made the data set is what the model must accept.
+        self.model_cfg = get_preset(
+            args.model,
+            input_size=h,
+            in_channels=c,
+            out_channels=c,
+            context_dim=m.text_shape[1],
+            pooled_dim=m.pooled_width,
+            context_len=m.text_shape[0],
+        )
+        self.flow_settings = {
+            "objective": "flow",
+            "t_sampling": args.t_sampling,
+            "logit_mean": args.logit_mean,
+            "logit_std": args.logit_std,
+            "shift": args.shift,
+            "weighting": args.weighting,
+        }
+        self.grid_prompts: list[str] = []
+        self.grid_text = self.grid_pooled = None
+        if args.grid_samples > 0:
+            prompts, text, pooled = _read_prompt_rows(args.latents, m, args.grid_samples)
+            self.grid_prompts = prompts
+            self.grid_text, self.grid_pooled = torch.from_numpy(text), torch.from_numpy(pooled)
+        self._flow = None
+        self._vae = None
+        self._vae_failed = False
+
+    # driver side ------------------------------------------------------------------------------
+
+    def _columns(self) -> list[str]:
+        return [MEAN, STD, TEXT_EMB, POOLED_EMB, *(FLIP_COLUMNS if self.manifest.flips else ())]
+
+    def datasets(self) -> dict[str, Any]:
+        from pipelines.latents import SplitById, read_latents
+
+        cols = self._columns()
+        val_cols = [MEAN, STD, TEXT_EMB, POOLED_EMB]
+        if self.args.val_latents:
+            train, _ = read_latents(self.args.latents, columns=cols)
+            val, _ = read_latents(self.args.val_latents, columns=val_cols)
+            return {"train": train.randomize_block_order(seed=0), "val": val}
+        if self.args.val_fraction <= 0:
+            train, _ = read_latents(self.args.latents, columns=cols)
+            return {"train": train.randomize_block_order(seed=0)}
+        full, _ = read_latents(self.args.latents, columns=[ID, *cols])
+        train = full.randomize_block_order(seed=0).map_batches(
+            SplitById(self.args.val_fraction, want_val=False)
+        )
+        val = full.map_batches(SplitById(self.args.val_fraction, want_val=True)).select_columns(val_cols)
+        return {"train": train, "val": val}
+
+    def model_config(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "model_name": self.args.model,
+            "model_config": dataclasses.asdict(self.model_cfg),
+            "class_names": list(m.class_names),
+            "diffusion": dict(self.flow_settings),
+            "text": dict(m.text),
+            "caption_dropout_prob": self.args.caption_dropout_prob,
+            "grid_prompts": list(self.grid_prompts),
+            "dataset": {
+                "uri": self.args.latents,
+                "fingerprint": m.source_fingerprint,
+                "num_rows": m.num_rows,
+                "resolution": m.resolution,
+                "latent_shape": list(m.latent_shape),
+                "flips": m.flips,
+            },
+            "vae": dataclasses.asdict(m.vae),
+        }
+
+    # worker side ------------------------------------------------------------------------------
+
+    @property
+    def flow(self):
+        if self._flow is None:
+            from vitdit.diffusion.flow import RectifiedFlow
+
+            s = self.flow_settings
+            self._flow = RectifiedFlow(
+                t_sampling=s["t_sampling"],
+                logit_mean=s["logit_mean"],
+                logit_std=s["logit_std"],
+                shift=s["shift"],
+                weighting=s["weighting"],
+            )
+        return self._flow
+
+    def build_model(self) -> nn.Module:
+        from vitdit.models import model_from_config
+
+        return model_from_config(self.model_cfg)
+
+    def _inputs(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator, dropout: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x0 = (mean + std·ε − shift)·scale (random flip when stored), and the text condition with
+        each sample's caption replaced by the empty one with probability ``dropout``."""
+        from vitdit.vae import scale_latents
+
+        mean, std = batch[MEAN].float(), batch[STD].float()
+        device = mean.device
+        if self.manifest.flips and MEAN_FLIP in batch:
+            flip = torch.rand(mean.shape[0], generator=generator, device=device) < 0.5
+            flip = flip.view(-1, 1, 1, 1)  # B, 1, 1, 1
+            mean = torch.where(flip, batch[MEAN_FLIP].float(), mean)
+            std = torch.where(flip, batch[STD_FLIP].float(), std)
+        eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        x0 = scale_latents(mean + std * eps, self.manifest.vae)
+        text, pooled = batch[TEXT_EMB].float(), batch[POOLED_EMB].float()
+        if dropout > 0:
+            drop = torch.rand(x0.shape[0], generator=generator, device=device) < dropout
+            text = torch.where(drop.view(-1, 1, 1), self.empty_text.to(device), text)  # B, L, D
+            pooled = torch.where(drop.view(-1, 1), self.empty_pooled.to(device), pooled)  # B, P
+        return x0, text, pooled
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x0, text, pooled = self._inputs(batch, generator, self.args.caption_dropout_prob)
+        terms = self.flow.training_losses(_velocity(model, text, pooled), x0, generator=generator)
+        return terms["loss"].mean(), {"mse": float(terms["mse"].mean().detach())}
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, ema_model: nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+        """Flow loss of the model and of its EMA on held-out latents at fixed noise and t."""
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(1234)
+        totals = {"val/loss": 0.0, "val/mse": 0.0, "val/loss_ema": 0.0}
+        n = 0
+        for batch in batches:
+            x0, text, pooled = self._inputs(batch, generator, 0.0)
+            t = self.flow.sample_t(x0.shape[0], device=device, generator=generator)
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            terms = self.flow.training_losses(_velocity(model, text, pooled), x0, noise=noise, t=t)
+            ema = self.flow.training_losses(_velocity(ema_model, text, pooled), x0, noise=noise, t=t)
+            totals["val/loss"] += float(terms["loss"].float().sum())
+            totals["val/mse"] += float(terms["mse"].float().sum())
+            totals["val/loss_ema"] += float(ema["loss"].float().sum())
+            n += x0.shape[0]
+        return {k: v / n for k, v in totals.items()} if n else {}
+
+    def _load_vae(self):
+        if self._vae is None and not self._vae_failed:
+            from vitdit.vae import load_vae
+
+            where = self.args.vae or self.manifest.vae.name_or_path
+            try:
+                self._vae = load_vae(where)
+            except Exception as e:  # offline hub name, moved directory: the grid is optional
+                self._vae_failed = True
+                log.warning("sample grid skipped: cannot load the VAE %s (%s)", where, e)
+        return self._vae
+
+    def warm_up(self) -> None:
+        # Imports only: building the VAE would draw from torch's global RNG, which the training
+        # thread seeds at every step.
+        if self.args.grid_samples > 0:
+            try:
+                from diffusers import AutoencoderKL  # noqa: F401
+
+                import vitdit.vae  # noqa: F401
+            except Exception:  # the grid is optional: _load_vae says why it is skipped
+                pass
+
+    def visualize(self, ema_model: nn.Module, step: int):
+        """A fixed-seed Euler grid of the EMA model, one sample per fixed prompt, VAE-decoded."""
+        if self.grid_text is None or len(self.grid_prompts) == 0:
+            return None
+        vae = self._load_vae()
+        if vae is None:
+            return None
+        from vitdit.diffusion.flow import cfg_velocity, euler_sample
+        from vitdit.vae import decode_latents
+
+        device = next(ema_model.parameters()).device
+        cfg = self.model_cfg
+        n = len(self.grid_prompts)
+        generator = torch.Generator(device=device).manual_seed(0)
+        noise = torch.randn(
+            (n, cfg.in_channels, cfg.input_size, cfg.input_size), generator=generator, device=device
+        )
+        cond = (self.grid_text.to(device), self.grid_pooled.to(device))
+        uncond = (
+            self.empty_text.to(device).expand(n, -1, -1),
+            self.empty_pooled.to(device).expand(n, -1),
+        )
+
+        def velocity(x, t):
+            return cfg_velocity(
+                lambda xx, tt, c: ema_model(xx, tt, *c), x, t, cond, uncond, self.args.grid_cfg_scale
+            )
+
+        with torch.autocast(device_type=device.type, enabled=False):
+            z = euler_sample(velocity, noise.float(), self.args.grid_steps, shift=self.args.shift)
+            images = decode_latents(vae, z, self.manifest.vae)
+        return image_grid(images, nrow=max(1, int(math.ceil(math.sqrt(n)))))
+
+    def batch_columns(self) -> list[str] | None:
+        return None  # datasets() already selected the tensor columns
