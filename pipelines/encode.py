@@ -13,6 +13,14 @@ Exactly-once output, whatever happens to the driver (docs/latent-dataset.md):
 4. ``quarantine.jsonl`` and, last, ``manifest.json`` are assembled from the markers.
 
 Rows reach the driver only as latents (16 KB per 256² image at float16), never as pixels.
+
+Captions (``caption`` column, "" when an image has none) are always written. With
+``--text-encoder`` the same actors that run the VAE also run the text encoder and add ``text_emb``
+and ``pooled_emb``: each row's latents and embeddings leave the actor together, one model pair per
+GPU shares its memory, and a CPU cluster gives its cores to one pool instead of splitting them
+between two. The encoding of "" (``empty_caption.safetensors``, what classifier-free guidance and
+caption dropout use) is computed once by a Ray task with an actor's resources before the pool starts.
+Without ``--text-encoder`` only the captions are stored and the trainer's text tower tokenizes them.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from pipelines.runtime import init_ray, set_torch_threads
 from vitdit import latents as L
 from vitdit.errors import VitditError
 from vitdit.preprocess import to_unit_range
+from vitdit.text import describe_text_encoder
 from vitdit.vae import encode_posterior, latent_shape, load_vae, vae_identity
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,8 @@ SETTINGS_NAME = "_settings.json"
 PROGRESS_DIR = "_progress"
 PRECISIONS = ("fp32", "bf16", "fp16")
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Per-row flag from the actors to the driver (counted, not stored): the caption was cut to L tokens.
+TRUNCATED = "text_truncated"
 
 
 @dataclasses.dataclass
@@ -100,6 +111,28 @@ class EncodeConfig:
     id_column: str | None = dataclasses.field(
         default=None, metadata={"help": "parquet: id column (default: <file>/<row>)"}
     )
+    caption_column: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "parquet: caption column (default: a column named 'caption' where a file has one; "
+            "'' for none). Folders take <stem>.txt sidecars, tars <key>.txt or <key>.json's \"caption\""
+        },
+    )
+    text_encoder: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "local directory of a transformers CLIP text model or T5 encoder and its tokenizer: "
+            "also store each caption's text_emb / pooled_emb and empty_caption.safetensors. Without it "
+            "only the captions are stored (the trainer's own text tower tokenizes them)"
+        },
+    )
+    text_max_length: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "tokens per caption, padded or truncated (default: the tokenizer's limit)"},
+    )
+    text_batch_size: int | None = dataclasses.field(
+        default=None, metadata={"help": "captions per text encoder forward pass (default: --batch-size)"}
+    )
     part_size: int = dataclasses.field(
         default=1000,
         metadata={
@@ -119,11 +152,71 @@ class EncodeConfig:
 # The GPU (or CPU) stage
 
 
-class EncodeLatents:
-    """map_batches callable class: ``image`` (+ ``image_flip``) → posterior ``mean``/``std``.
+class EncodeText:
+    """Callable: ``caption`` → ``text_emb`` N×L×width and ``pooled_emb`` N×pooled_width in the
+    storage dtype, and ``text_truncated`` (bool) for the driver's count of captions cut to L tokens.
 
-    Loads the VAE once per actor. Rows with a non-empty ``error`` are passed through with zero
-    latents (the driver quarantines them) so a batch never fails for one bad image.
+    Rows with a non-empty ``error`` get zeros (the driver quarantines them). The encoder runs in the
+    compute precision's dtype (bf16 halves a T5-XXL's memory) and returns float32.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        max_length: int | None = None,
+        precision: str = "fp32",
+        storage_dtype: str = "float16",
+        batch_size: int | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        from vitdit.text import TextEncoder
+
+        self.encoder = TextEncoder(path, device=device, dtype=_TORCH_DTYPES[precision], max_length=max_length)
+        self.storage = np.dtype(storage_dtype)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captions = [str(c) for c in batch[L.CAPTION]]
+        n, enc = len(captions), self.encoder
+        text = np.zeros((n, enc.max_length, enc.width), dtype=self.storage)
+        pooled = np.zeros((n, enc.pooled_width), dtype=self.storage)
+        truncated = np.zeros(n, dtype=bool)
+        good = np.flatnonzero([not e for e in batch[ERROR]]) if ERROR in batch else np.arange(n)
+        step = self.batch_size or max(1, len(good))
+        for start in range(0, len(good), step):
+            rows = good[start : start + step]
+            ids, cut = enc.tokenize([captions[i] for i in rows])
+            tokens, vec = enc.encode_ids(ids)
+            text[rows] = tokens.cpu().numpy().astype(self.storage)
+            pooled[rows] = vec.cpu().numpy().astype(self.storage)
+            truncated[rows] = cut
+        if not (np.isfinite(text).all() and np.isfinite(pooled).all()):
+            # float16 holds up to 65504: a text tower with larger activations needs float32 storage.
+            raise VitditError(
+                f"--text-encoder {enc.path}: embeddings overflow --storage-dtype {self.storage.name} "
+                "(or the encoder produced NaN/inf at this precision); use --storage-dtype float32"
+            )
+        return {**batch, L.TEXT_EMB: text, L.POOLED_EMB: pooled, TRUNCATED: truncated}
+
+
+def encode_empty_caption(
+    path: str, max_length: int | None, precision: str, use_gpu: bool = False, num_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(text_emb L×width, pooled_emb width) float32 of the caption "", computed exactly as the rows
+    are (same precision and device kind); run as a Ray task with an encoder actor's resources."""
+    set_torch_threads(num_threads)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    enc = EncodeText(path, max_length, precision, "float32", device=device).encoder
+    tokens, pooled = enc.encode([""])
+    return tokens[0].cpu().numpy(), pooled[0].cpu().numpy()
+
+
+class EncodeLatents:
+    """map_batches callable class: ``image`` (+ ``image_flip``) → posterior ``mean``/``std``
+    (+ ``text_emb``/``pooled_emb`` of the ``caption`` when ``text_encoder`` is given).
+
+    Loads the VAE (and the text encoder) once per actor. Rows with a non-empty ``error`` are passed
+    through with zero latents (the driver quarantines them) so a batch never fails for one bad image.
     """
 
     def __init__(
@@ -134,6 +227,9 @@ class EncodeLatents:
         storage_dtype: str = "float16",
         use_gpu: bool = False,
         num_threads: int | None = None,
+        text_encoder: str | None = None,
+        text_max_length: int | None = None,
+        text_batch_size: int | None = None,
     ):
         self.threads = set_torch_threads(num_threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -143,6 +239,11 @@ class EncodeLatents:
         self.storage = np.dtype(storage_dtype)
         self.latent_channels = int(self.vae.config.latent_channels)
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.text = (
+            EncodeText(text_encoder, text_max_length, precision, storage_dtype, text_batch_size, self.device)
+            if text_encoder
+            else None
+        )
 
     def _encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(to_unit_range(images)).to(self.device)  # N, 3, R, R in [-1, 1]
@@ -173,7 +274,8 @@ class EncodeLatents:
             if flips:
                 outs[L.MEAN_FLIP][good], outs[L.STD_FLIP][good] = mean[k:], std[k:]
         passthrough = {c: batch[c] for c in batch if c not in (IMAGE, IMAGE_FLIP)}
-        return {**passthrough, **outs}
+        out = {**passthrough, **outs}
+        return self.text(out) if self.text is not None else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +327,8 @@ class _Output:
     def ours(self) -> list[str]:
         """Every entry this job writes (what --overwrite removes)."""
         names = [n for n in self.list() if n.startswith(L.PART_PREFIX) or ".tmp-" in n]
-        names += [
-            n for n in (L.MANIFEST_NAME, L.QUARANTINE_NAME, SETTINGS_NAME, PROGRESS_DIR) if self.exists(n)
-        ]
+        fixed = (L.MANIFEST_NAME, L.QUARANTINE_NAME, L.EMPTY_CAPTION_NAME, SETTINGS_NAME, PROGRESS_DIR)
+        names += [n for n in fixed if self.exists(n)]
         return names
 
     def remove(self, names: list[str]) -> None:
@@ -251,9 +352,14 @@ def marker_name(index: int) -> str:
 # The job
 
 
-def _settings(cfg: EncodeConfig, source: ImageSource, identity: L.VAEIdentity, shape) -> dict:
+def _settings(
+    cfg: EncodeConfig, source: ImageSource, identity: L.VAEIdentity, shape, text: dict | None = None
+) -> dict:
     """Everything that changes the output; compared on a re-run before any work."""
     return {
+        "format_version": L.FORMAT_VERSION,  # parts of two formats must not mix in one data set
+        "text_encoder": text,  # None: captions only
+        "caption_column": cfg.caption_column,
         "vae": dataclasses.asdict(identity),
         "resolution": cfg.resolution,
         "flips": cfg.flip,
@@ -282,6 +388,9 @@ def _diff(old: dict, new: dict) -> list[str]:
                 b.get("shift_factor"),
             ):
                 continue
+        if k == "text_encoder" and isinstance(a, dict) and isinstance(b, dict):
+            # The same weights moved to another directory are the same encoder.
+            a, b = ({n: v for n, v in d.items() if n != "path"} for d in (a, b))
         if a != b:
             out.append(f"{k}: {_short(a)} -> {_short(b)}")
     return out
@@ -302,11 +411,20 @@ def _check_resumable(out: _Output, settings: dict, overwrite: bool) -> None:
         out.remove(existing)
         return
     if out.exists(SETTINGS_NAME):
-        diff = _diff(out.read_json(SETTINGS_NAME), settings)
+        old = out.read_json(SETTINGS_NAME)
+        version = old.pop("format_version", 1)  # format 1 recorded none
+        diff = _diff(old, {k: v for k, v in settings.items() if k != "format_version"})
         if diff:
             raise VitditError(
                 f"{out.uri}: holds a latent data set made with other settings ({'; '.join(diff)}); "
                 "use another --output, or pass --overwrite to replace it"
+            )
+        if version != settings["format_version"] and not out.exists(L.MANIFEST_NAME):
+            # A finished older data set stays readable as it is; an unfinished one cannot be
+            # completed in a newer format (its parts would lack the caption column).
+            raise VitditError(
+                f"{out.uri}: an unfinished latent data set of format {version} (an older vitdit); finish it "
+                f"with that version, or pass --overwrite to encode it again in format {L.FORMAT_VERSION}"
             )
         return
     raise VitditError(
@@ -348,13 +466,17 @@ def _validate(cfg: EncodeConfig) -> None:
         )
     if cfg.num_actors is not None and cfg.num_actors < 1:
         raise VitditError(f"--num-actors {cfg.num_actors}: must be at least 1")
+    if cfg.text_batch_size is not None and cfg.text_batch_size < 1:
+        raise VitditError(f"--text-batch-size {cfg.text_batch_size}: must be at least 1")
+    if cfg.text_encoder is None and (cfg.text_max_length is not None or cfg.text_batch_size is not None):
+        raise VitditError("--text-max-length / --text-batch-size: only with --text-encoder")
 
 
 def build_dataset(
     source: ImageSource, chunks, cfg: EncodeConfig, num_actors: int, gpus: float, cpus: float
 ) -> ray.data.Dataset:
     """The streaming pipeline over ``chunks``: read + preprocess tasks, then the encoder actor pool."""
-    ds = source.dataset_for(chunks)
+    ds = source.dataset_for(chunks, captions=True)
     # A plain callable instance runs as tasks, fused with the read: bytes never cross the object store.
     ds = ds.map_batches(Preprocess(cfg.resolution, flip=cfg.flip), batch_size=cfg.batch_size)
     return ds.map_batches(
@@ -366,6 +488,9 @@ def build_dataset(
             "storage_dtype": cfg.storage_dtype,
             "use_gpu": gpus > 0,
             "num_threads": int(cpus),
+            "text_encoder": cfg.text_encoder,
+            "text_max_length": cfg.text_max_length,
+            "text_batch_size": cfg.text_batch_size,
         },
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -386,10 +511,11 @@ def _source_of(chunk, id_: str) -> str:
 class _ChunkWriter:
     """Driver side: collects streamed rows per chunk; writes a chunk's part once it is complete."""
 
-    def __init__(self, out: _Output, chunks, flips: bool):
+    def __init__(self, out: _Output, chunks, flips: bool, text: bool = False):
         self.out = out
         self.chunks = {c.index: c for c in chunks}
         self.flips = flips
+        self.text = text
         self.seen = {c.index: 0 for c in chunks}
         self.rows: dict[int, list[dict[str, np.ndarray]]] = {c.index: [] for c in chunks}
         self.bad: dict[int, list[tuple[str, str]]] = {c.index: [] for c in chunks}
@@ -418,10 +544,13 @@ class _ChunkWriter:
         from ray.data.block import BlockAccessor
 
         chunk = self.chunks[k]
-        cols = [L.ID, L.LABEL, *L.LATENT_COLUMNS, *(L.FLIP_COLUMNS if self.flips else ())]
+        cols = [L.ID, L.LABEL, L.CAPTION, *L.LATENT_COLUMNS, *(L.FLIP_COLUMNS if self.flips else ())]
+        cols += [*L.TEXT_COLUMNS] if self.text else []
         parts = self.rows.pop(k)
         n = sum(len(p[L.ID]) for p in parts)
         part = None
+        captioned = sum(int(sum(bool(c) for c in p[L.CAPTION])) for p in parts)
+        truncated = sum(int(p[TRUNCATED].sum()) for p in parts) if self.text else 0
         if n:
             merged = {c: np.concatenate([p[c] for p in parts]) for c in cols}
             # Rows in listing order: the same part bytes whatever order the actors finished in.
@@ -430,15 +559,39 @@ class _ChunkWriter:
             batch = {c: merged[c][order] for c in cols}
             batch[L.ID] = np.array([str(i) for i in batch[L.ID]], dtype=object)
             batch[L.LABEL] = batch[L.LABEL].astype(np.int32)
+            batch[L.CAPTION] = np.array([str(c) for c in batch[L.CAPTION]], dtype=object)
             part = part_name(k)
             self.out.write_table_atomic(part, BlockAccessor.batch_to_block(batch))
         quarantine = [{"id": i, "source": _source_of(chunk, i), "reason": r} for i, r in self.bad.pop(k)]
-        marker = {"chunk": k, "part": part, "num_rows": n, "quarantine": quarantine}
+        marker = {
+            "chunk": k,
+            "part": part,
+            "num_rows": n,
+            "captioned": captioned,
+            "truncated": truncated,
+            "quarantine": quarantine,
+        }
         # The marker is written after the part: a chunk counts as finished only when both exist.
         self.out.write_atomic(marker_name(k), json.dumps(marker).encode())
         self.encoded += n
         self.quarantined += len(quarantine)
         self.done += 1
+
+
+def _write_empty_caption(out: _Output, cfg: EncodeConfig, text: dict, gpus: float, cpus: float) -> None:
+    """``empty_caption.safetensors``: the encoding of "" by a task with an encoder actor's resources
+    (the driver may have no GPU, and a T5-XXL does not belong in its memory)."""
+    from safetensors.numpy import save
+
+    task = ray.remote(encode_empty_caption).options(num_gpus=gpus, num_cpus=cpus, max_retries=1)
+    tokens, pooled = ray.get(
+        task.remote(cfg.text_encoder, cfg.text_max_length, cfg.precision, gpus > 0, int(cpus))
+    )
+    expect = ((text["max_length"], text["width"]), (text["pooled_width"],))
+    if (tokens.shape, pooled.shape) != expect:
+        raise RuntimeError(f"empty caption encoded as {tokens.shape}, {pooled.shape}; expected {expect}")
+    data = save({L.TEXT_EMB: np.ascontiguousarray(tokens), L.POOLED_EMB: np.ascontiguousarray(pooled)})
+    out.write_atomic(L.EMPTY_CAPTION_NAME, data)
 
 
 def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
@@ -456,7 +609,10 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
         label_column=cfg.label_column,
         id_column=cfg.id_column,
         part_size=cfg.part_size,
+        caption_column=cfg.caption_column,
     )
+    # Checked (and its weights hashed) before any work: a bad path fails in one line, not in an actor.
+    text = describe_text_encoder(cfg.text_encoder, cfg.text_max_length) if cfg.text_encoder else None
     vae = load_vae(cfg.vae, revision=cfg.vae_revision)
     identity = vae_identity(vae, cfg.vae, cfg.vae_revision)
     shape = latent_shape(vae, cfg.resolution)
@@ -465,7 +621,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
         raise VitditError("--precision fp16 needs GPUs (CPU kernels lack fp16); use bf16 or fp32")
 
     out = _Output(cfg.output)
-    settings = _settings(cfg, source, identity, shape)
+    settings = _settings(cfg, source, identity, shape, text)
     _check_resumable(out, settings, cfg.overwrite)
     if not out.exists(SETTINGS_NAME):
         out.fs.create_dir(out.root, recursive=True)
@@ -485,10 +641,16 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
             "read": source.num_images,
             "encoded": done.num_rows,
             "quarantined": done.num_quarantined,
+            "captioned": done.captioned,
+            "uncaptioned": done.uncaptioned,
+            "truncated": (done.text or {}).get("num_truncated", 0),
             "parts": len(done.parts),
             "resumed_parts": resumed,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+    if text is not None and not out.exists(L.EMPTY_CAPTION_NAME):
+        init_ray(cfg.address)
+        _write_empty_caption(out, cfg, text, *_resolve_resources(cfg)[1:])
     if todo:
         init_ray(cfg.address)
         n_actors, gpus, cpus = _resolve_resources(cfg)
@@ -499,7 +661,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
             sum(c.num_images for c in todo), len(todo), resumed, n_actors, gpus, cpus,
         )  # fmt: skip
         ds = build_dataset(source, todo, cfg, n_actors, gpus, cpus)
-        writer = _ChunkWriter(out, todo, cfg.flip)
+        writer = _ChunkWriter(out, todo, cfg.flip, text=text is not None)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             writer.add(batch)
         unfinished = [k for k, c in writer.chunks.items() if writer.seen[k] != c.num_images]
@@ -508,6 +670,8 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
 
     markers = [out.read_json(marker_name(c.index)) for c in source.chunks]
     encoded = sum(m["num_rows"] for m in markers)
+    captioned = sum(m["captioned"] for m in markers)
+    truncated = sum(m["truncated"] for m in markers)
     quarantine = [q for m in markers for q in m["quarantine"]]
     if encoded == 0:
         reasons = sorted({q["reason"] for q in quarantine})
@@ -516,6 +680,11 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
             f"(reasons: {'; '.join(reasons[:3])}); see {out.path(PROGRESS_DIR)}"
         )
     out.write_atomic(L.QUARANTINE_NAME, "".join(json.dumps(q) + "\n" for q in quarantine).encode())
+    if truncated:
+        log.warning(
+            "%d of %d captions were longer than %d tokens and were truncated by the text encoder's tokenizer",
+            truncated, encoded, text["max_length"],
+        )  # fmt: skip
     manifest = L.Manifest(
         num_rows=encoded,
         latent_shape=tuple(shape),
@@ -530,6 +699,11 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
         parts=[{"path": m["part"], "num_rows": m["num_rows"]} for m in markers if m["part"]],
         vitdit_version=vitdit.__version__,
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        text=None
+        if text is None
+        else {**text, "empty_caption": L.EMPTY_CAPTION_NAME, "num_truncated": truncated},
+        captioned=captioned,
+        uncaptioned=encoded - captioned,
     )
     out.write_atomic(L.MANIFEST_NAME, manifest.to_json().encode())  # last: the data set is complete
     return {
@@ -537,6 +711,9 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
         "read": source.num_images,
         "encoded": encoded,
         "quarantined": len(quarantine),
+        "captioned": captioned,
+        "uncaptioned": encoded - captioned,
+        "truncated": truncated,
         "parts": len(manifest.parts),
         "resumed_parts": resumed,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -5,7 +5,16 @@ Every source is first *listed* on the driver, in sorted order, into numbered ``C
 image's ``id`` and the chunk it belongs to, so an encode job can write one output part per chunk and
 skip finished chunks on a re-run (exactly-once output, docs/design.md). The Ray Dataset then reads the
 chunks in parallel (one read task per chunk) into rows ``id`` (str), ``label`` (int32, -1 when
-unlabelled), ``bytes`` (binary) and ``chunk`` (int64).
+unlabelled), ``bytes`` (binary) and ``chunk`` (int64), and ``caption`` (str, "" when the image has
+none) when asked for.
+
+Captions follow each format's convention: a sidecar ``<stem>.txt`` beside the image in a folder
+(``cat.png`` → ``cat.txt``; ``.txt`` files are never images, and one without an image is ignored);
+a ``<key>.txt`` member, else a ``<key>.json`` member's ``"caption"`` string, in a webdataset tar;
+a string column in parquet (``caption_column``; by default a column named ``caption`` when a file
+has one). Captions are read by the read tasks, not the listing, and stripped of surrounding
+whitespace. A caption file that cannot be read or decoded quarantines its image with the reason: a
+wrong caption is worse than none.
 
 Reading never fails on one bad file: unreadable members reach ``Preprocess`` as empty bytes and
 are quarantined there with a reason (``error`` column), as Ray's ``read_images`` cannot do.
@@ -24,16 +33,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
 from vitdit.errors import VitditError
+from vitdit.latents import CAPTION
 from vitdit.preprocess import DEFAULT_MAX_PIXELS, BadImageError, preprocess_bytes
 
 FORMATS = ("auto", "folder", "webdataset", "parquet")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 DEFAULT_PART_SIZE = 1000
+CAPTION_EXTENSION = ".txt"  # folder sidecars and tar members; tars also take a .json "caption"
+DEFAULT_CAPTION_COLUMN = "caption"
 
 # Columns of the rows that sources and Preprocess produce.
 ID, LABEL, BYTES, CHUNK, IMAGE, IMAGE_FLIP, ERROR = (
@@ -59,6 +72,9 @@ class Chunk:
     members: list[str]  # files: file paths; tar: image member names; parquet: unused
     row_group: int = -1  # parquet only
     image_column: str = "image"
+    # files and tar: the caption file / member of each image ("" for none); parquet: unused
+    captions: list[str] = dataclasses.field(default_factory=list)
+    caption_column: str | None = None  # parquet only: the column holding this row group's captions
 
     @property
     def num_images(self) -> int:
@@ -85,14 +101,18 @@ class ImageSource:
         """All images as a Ray Dataset of rows ``id``, ``label``, ``bytes``, ``chunk``."""
         return self.dataset_for(self.chunks)
 
-    def dataset_for(self, chunks: list[Chunk]) -> ray.data.Dataset:
-        """The images of ``chunks`` only (e.g. the unfinished ones of a resumed job)."""
+    def dataset_for(self, chunks: list[Chunk], captions: bool = False) -> ray.data.Dataset:
+        """The images of ``chunks`` only (e.g. the unfinished ones of a resumed job).
+
+        ``captions`` adds the ``caption`` column (off by default: image-only training would pay one
+        more read per image of a folder with sidecars).
+        """
         if not chunks:
             raise VitditError(f"{self.uri}: no images to read")
         items = [{"chunk": dataclasses.asdict(c)} for c in chunks]
         # One block per chunk so chunks are read by parallel tasks.
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        return ds.flat_map(_ChunkReader(self.filesystem))
+        return ds.flat_map(_ChunkReader(self.filesystem, captions=captions))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,15 +185,22 @@ def _fingerprint(fmt: str, entries: list[tuple[str, int]], extra: dict) -> str:
 
 def _list_folder(fs, root: str, files: list[pafs.FileInfo], part_size: int) -> tuple[list[Chunk], list[str]]:
     rels = [posixpath.relpath(f.path, root) for f in files]
+    # Class names come from every file, sidecars included, as before captions existed: an old data
+    # set's labels do not move.
     class_dirs = sorted({r.split("/", 1)[0] for r in rels if "/" in r})
+    # A .txt file is a caption, never an image: the ids of the images do not change when sidecars
+    # are added beside them.
+    sidecars = {posixpath.splitext(f.path)[0]: f.path for f in files if _is_caption_file(f.path)}
+    pairs = [(r, f) for r, f in zip(rels, files) if not _is_caption_file(f.path)]
     if class_dirs:
         # Files beside the class folders (a README, a LICENSE) belong to no class: skipped.
-        keep = [(r, f) for r, f in zip(rels, files) if "/" in r]
+        keep = [(r, f) for r, f in pairs if "/" in r]
         index = {c: i for i, c in enumerate(class_dirs)}
         labels = [index[r.split("/", 1)[0]] for r, _ in keep]
     else:
-        keep = list(zip(rels, files))
+        keep = pairs
         labels = [-1] * len(keep)
+    captions = [sidecars.get(posixpath.splitext(f.path)[0], "") for _, f in keep]
     chunks = []
     for start in range(0, len(keep), part_size):
         sl = slice(start, start + part_size)
@@ -185,9 +212,14 @@ def _list_folder(fs, root: str, files: list[pafs.FileInfo], part_size: int) -> t
                 ids=[r for r, _ in keep[sl]],
                 labels=labels[sl],
                 members=[f.path for _, f in keep[sl]],
+                captions=captions[sl],
             )
         )
     return chunks, class_dirs
+
+
+def _is_caption_file(path: str) -> bool:
+    return path.lower().endswith(CAPTION_EXTENSION)
 
 
 def _read_cls(data: bytes) -> int:
@@ -197,10 +229,13 @@ def _read_cls(data: bytes) -> int:
         return -1
 
 
-def _list_tar(fs, path: str) -> tuple[list[str], list[str], list[int]]:
-    """(keys, image member names, labels) of one webdataset shard, in member order."""
+def _list_tar(fs, path: str) -> tuple[list[str], list[str], list[int], list[str]]:
+    """(keys, image member names, labels, caption member names or "") of one webdataset shard,
+    in member order. A key's ``.txt`` member is its caption, else its ``.json`` member's."""
     images: dict[str, str] = {}
     labels: dict[str, int] = {}
+    texts: dict[str, str] = {}
+    jsons: dict[str, str] = {}
     order: list[str] = []
     try:
         with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -223,9 +258,14 @@ def _list_tar(fs, path: str) -> tuple[list[str], list[str], list[int]]:
                 elif ext == ".cls":
                     f = tar.extractfile(m)
                     labels[key] = _read_cls(f.read() if f else b"")
+                elif ext == CAPTION_EXTENSION:
+                    texts.setdefault(key, m.name)
+                elif ext == ".json":
+                    jsons.setdefault(key, m.name)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise VitditError(f"{path}: unreadable tar shard ({e})") from e
-    return order, [images[k] for k in order], [labels.get(k, -1) for k in order]
+    captions = [texts.get(k) or jsons.get(k, "") for k in order]
+    return order, [images[k] for k in order], [labels.get(k, -1) for k in order], captions
 
 
 def _list_webdataset(fs, root: str, files: list[pafs.FileInfo]) -> tuple[list[Chunk], list[str]]:
@@ -233,7 +273,7 @@ def _list_webdataset(fs, root: str, files: list[pafs.FileInfo]) -> tuple[list[Ch
     with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound, object stores like parallel reads
         listed = list(pool.map(lambda f: _list_tar(fs, f.path), tars))
     chunks = []
-    for f, (keys, members, labels) in zip(tars, listed):
+    for f, (keys, members, labels, captions) in zip(tars, listed):
         if not keys:
             continue
         shard = posixpath.relpath(f.path, root)[: -len(".tar")]
@@ -245,6 +285,7 @@ def _list_webdataset(fs, root: str, files: list[pafs.FileInfo]) -> tuple[list[Ch
                 ids=[f"{shard}/{k}" for k in keys],
                 labels=labels,
                 members=members,
+                captions=captions,
             )
         )
     top = max((max(c.labels) for c in chunks), default=-1)
@@ -258,6 +299,7 @@ def _list_parquet(
     image_column: str,
     label_column: str | None,
     id_column: str | None,
+    caption_column: str | None = None,
 ) -> tuple[list[Chunk], list[str]]:
     pfiles = [f for f in files if f.path.lower().endswith(".parquet")]
     raw_labels: list[tuple[int, int, list]] = []  # (file index, row group, labels)
@@ -270,10 +312,26 @@ def _list_parquet(
                 names = pf.schema_arrow.names
                 if image_column not in names:
                     raise VitditError(f"{f.path}: no image column {image_column!r} (columns: {names})")
-                for col in (label_column, id_column):
+                for col in (label_column, id_column, caption_column):
                     if col and col not in names:
                         hint = "; pass --label-column '' for unlabelled data" if col == label_column else ""
                         raise VitditError(f"{f.path}: no column {col!r} (columns: {names}){hint}")
+                captions = caption_column or (
+                    DEFAULT_CAPTION_COLUMN
+                    if caption_column is None and DEFAULT_CAPTION_COLUMN in names
+                    else None
+                )
+                if captions:
+                    ctype = pf.schema_arrow.field(captions).type
+                    if not (
+                        pa.types.is_string(ctype)
+                        or pa.types.is_large_string(ctype)
+                        or pa.types.is_null(ctype)
+                    ):
+                        raise VitditError(
+                            f"{f.path}: caption column {captions!r} holds {ctype}, expected strings"
+                            + ("; pass --caption-column '' to ignore it" if caption_column is None else "")
+                        )
                 row = 0
                 for g in range(pf.num_row_groups):
                     n = pf.metadata.row_group(g).num_rows
@@ -297,6 +355,7 @@ def _list_parquet(
                             members=[],
                             row_group=g,
                             image_column=image_column,
+                            caption_column=captions,
                         )
                     )
                     row += n
@@ -329,12 +388,14 @@ def read_image_source(
     label_column: str | None = "label",
     id_column: str | None = None,
     part_size: int = DEFAULT_PART_SIZE,
+    caption_column: str | None = None,
 ) -> ImageSource:
     """List an image source (folder, webdataset tars or parquet; local path or pyarrow URI).
 
     ``part_size`` images of a folder form one chunk (one output part of an encode job); a tar shard
-    or a parquet row group is one chunk. Raises VitditError naming ``uri`` when it is missing,
-    empty, or malformed (duplicate ids, missing columns).
+    or a parquet row group is one chunk. ``caption_column`` (parquet): None takes a column named
+    ``caption`` where a file has one, "" takes none, another name must exist in every file. Raises
+    VitditError naming ``uri`` when it is missing, empty, or malformed (duplicate ids, missing columns).
     """
     if format not in FORMATS:
         raise VitditError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
@@ -360,8 +421,12 @@ def read_image_source(
         chunks, class_names = _list_webdataset(fs, root, files)
         extra = {}
     else:
-        chunks, class_names = _list_parquet(fs, root, files, image_column, label_column, id_column)
+        chunks, class_names = _list_parquet(
+            fs, root, files, image_column, label_column, id_column, caption_column
+        )
         extra = {"image_column": image_column, "label_column": label_column, "id_column": id_column}
+        if caption_column is not None:  # only when set: the fingerprints of older sources stay as they were
+            extra["caption_column"] = caption_column
     if not chunks or not any(c.ids for c in chunks):
         raise VitditError(f"{uri}: no images found (format {fmt})")
     seen: set[str] = set()
@@ -386,24 +451,35 @@ def read_image_source(
 
 
 class _ChunkReader:
-    """flat_map UDF: one chunk descriptor → its rows ``id``, ``label``, ``bytes``, ``chunk``.
+    """flat_map UDF: one chunk descriptor → its rows ``id``, ``label``, ``bytes``, ``chunk``
+    (+ ``caption`` when ``captions``).
 
     A file that cannot be read yields empty bytes and its read error in ``error``, so Preprocess
-    quarantines it with the real reason instead of failing the task.
+    quarantines it with the real reason instead of failing the task. So does an unreadable caption.
     """
 
-    def __init__(self, filesystem):
+    def __init__(self, filesystem, captions: bool = False):
         self.fs = filesystem
+        self.captions = captions
 
     def __call__(self, item: dict) -> Iterator[dict]:
         c = Chunk(**item["chunk"])
         if c.kind == "files":
-            for id_, label, path in zip(c.ids, c.labels, c.members):
-                yield _row(id_, label, c.index, *self._read_file(path))
+            caption_files = c.captions or [""] * len(c.ids)
+            for id_, label, path, cap_path in zip(c.ids, c.labels, c.members, caption_files):
+                data, err = self._read_file(path)
+                caption, cap_err = self._read_caption_file(cap_path) if self.captions else (None, "")
+                yield self._row(id_, label, c.index, data, err or cap_err, caption)
         elif c.kind == "tar":
             yield from self._read_tar(c)
         else:
             yield from self._read_parquet(c)
+
+    def _row(self, id_: str, label: int, chunk: int, data: bytes, err: str, caption: str | None) -> dict:
+        row = _row(id_, label, chunk, data, err)
+        if self.captions:
+            row[CAPTION] = caption or ""
+        return row
 
     def _read_file(self, path: str) -> tuple[bytes, str]:
         try:
@@ -412,9 +488,19 @@ class _ChunkReader:
         except OSError as e:
             return b"", f"unreadable file: {e}"
 
+    def _read_caption_file(self, path: str) -> tuple[str, str]:
+        if not path:
+            return "", ""
+        data, err = self._read_file(path)
+        if err:
+            return "", f"caption {path}: {err}"
+        return _decode_caption(data, path, json_member=False)
+
     def _read_tar(self, c: Chunk) -> Iterator[dict]:
         wanted = dict(zip(c.members, range(len(c.members))))
+        caption_of = {m: i for i, m in enumerate(c.captions) if m} if self.captions else {}
         found: dict[int, bytes] = {}
+        found_captions: dict[int, bytes] = {}
         err = ""
         try:
             with self.fs.open_input_stream(c.path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -423,30 +509,68 @@ class _ChunkReader:
                     if i is not None and i not in found:
                         f = tar.extractfile(m)
                         found[i] = f.read() if f else b""
+                    j = caption_of.get(m.name)
+                    if j is not None and j not in found_captions:
+                        f = tar.extractfile(m)
+                        found_captions[j] = f.read() if f else b""
         except (tarfile.TarError, OSError, EOFError) as e:
             err = f"unreadable tar member: {e}"
         for i, (id_, label) in enumerate(zip(c.ids, c.labels)):
+            caption, cap_err = None, ""
+            if self.captions and c.captions and c.captions[i]:
+                member = c.captions[i]
+                if i in found_captions:
+                    where = f"{c.path}#{member}"
+                    caption, cap_err = _decode_caption(found_captions[i], where, member.endswith(".json"))
+                else:
+                    cap_err = err or f"caption member {member} missing"
             if i in found:
-                yield _row(id_, label, c.index, found[i], "")
+                yield self._row(id_, label, c.index, found[i], cap_err, caption)
             else:
-                yield _row(id_, label, c.index, b"", err or "tar member missing")
+                yield self._row(id_, label, c.index, b"", err or "tar member missing", caption)
 
     def _read_parquet(self, c: Chunk) -> Iterator[dict]:
+        cols = [c.image_column]
+        if self.captions and c.caption_column:
+            cols.append(c.caption_column)
         try:
             with self.fs.open_input_file(c.path) as fh:
-                col = pq.ParquetFile(fh).read_row_group(c.row_group, columns=[c.image_column])
-            values = col.column(c.image_column).to_pylist()
+                t = pq.ParquetFile(fh).read_row_group(c.row_group, columns=cols)
+            values = t.column(c.image_column).to_pylist()
+            captions = t.column(c.caption_column).to_pylist() if len(cols) > 1 else [None] * len(c.ids)
         except (OSError, ValueError) as e:
             values, err = [None] * len(c.ids), f"unreadable parquet row group: {e}"
+            captions = [None] * len(c.ids)
         else:
             err = ""
-        for id_, label, v in zip(c.ids, c.labels, values):
+        for id_, label, v, caption in zip(c.ids, c.labels, values, captions):
             if isinstance(v, dict):  # HF datasets' Image feature: {"bytes": ..., "path": ...}
                 v = v.get("bytes")
+            caption = caption.strip() if caption else ""
             if v is None:
-                yield _row(id_, label, c.index, b"", err or "no image bytes (null)")
+                yield self._row(id_, label, c.index, b"", err or "no image bytes (null)", caption)
             else:
-                yield _row(id_, label, c.index, bytes(v), "")
+                yield self._row(id_, label, c.index, bytes(v), "", caption)
+
+
+def _decode_caption(data: bytes, where: str, json_member: bool) -> tuple[str, str]:
+    """(caption, error) of a caption file's bytes: UTF-8 text, or JSON with a "caption" string."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return "", f"caption {where}: not UTF-8 text ({e.reason} at byte {e.start})"
+    if not json_member:
+        return text.strip(), ""
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        return "", f"caption {where}: not valid JSON ({e.msg} at line {e.lineno})"
+    caption = meta.get("caption") if isinstance(meta, dict) else None
+    if caption is None:
+        return "", ""  # metadata without a caption: an uncaptioned image
+    if not isinstance(caption, str):
+        return "", f'caption {where}: "caption" is a {type(caption).__name__}, expected a string'
+    return caption.strip(), ""
 
 
 def _row(id_: str, label: int, chunk: int, data: bytes, read_error: str) -> dict:

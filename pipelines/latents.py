@@ -3,7 +3,9 @@
 ``read_latents(uri)`` checks the manifest (its absence means the data set is incomplete) and that
 the data set was made with the VAE and resolution the consumer expects, then reads exactly the parts
 the manifest lists. Columns and dtypes: ``vitdit.latents``. ``mean``/``std`` (and ``mean_flip``/
-``std_flip``) are fixed-shape tensor columns C×H×W, so ``iter_torch_batches`` yields B×C×H×W tensors.
+``std_flip``) are fixed-shape tensor columns C×H×W, so ``iter_torch_batches`` yields B×C×H×W tensors;
+``text_emb`` (L×width) and ``pooled_emb`` (width) likewise when the data set has a text encoder, and
+``read_empty_caption`` gives the encoding of "" that goes with them. ``caption`` is a string column.
 """
 
 from __future__ import annotations
@@ -18,7 +20,19 @@ import ray
 
 from pipelines.images import filesystem_for
 from vitdit.errors import VitditError
-from vitdit.latents import FLIP_COLUMNS, ID, LABEL, LATENT_COLUMNS, MANIFEST_NAME, Manifest, VAEIdentity
+from vitdit.latents import (
+    CAPTION,
+    EMPTY_CAPTION_NAME,
+    FLIP_COLUMNS,
+    ID,
+    LABEL,
+    LATENT_COLUMNS,
+    MANIFEST_NAME,
+    POOLED_EMB,
+    TEXT_EMB,
+    Manifest,
+    VAEIdentity,
+)
 
 
 def read_manifest(uri: str) -> Manifest:
@@ -36,6 +50,38 @@ def read_manifest(uri: str) -> Manifest:
     with fs.open_input_stream(mpath) as f:
         text = f.read().decode()
     return Manifest.from_json(text, where=f"{uri}/{MANIFEST_NAME}")
+
+
+def read_empty_caption(uri: str, manifest: Manifest | None = None):
+    """(text_emb L×width, pooled_emb width) float32 tensors of the caption "" of the data set at
+    ``uri`` (the negative prompt of classifier-free guidance, and what caption dropout substitutes),
+    or None when the data set has no text embeddings. VitditError when the file is missing or its
+    shapes disagree with the manifest."""
+    manifest = manifest or read_manifest(uri)
+    if manifest.text is None:
+        return None
+    from safetensors.torch import load  # torch only here: this module also feeds Ray Data workers
+
+    fs, path = filesystem_for(uri)
+    fpath = posixpath.join(path, manifest.text.get("empty_caption", EMPTY_CAPTION_NAME))
+    if fs.get_file_info(fpath).type != pafs.FileType.File:
+        raise VitditError(f"{uri}: the manifest records a text encoder but {fpath} is missing")
+    with fs.open_input_stream(fpath) as f:
+        try:
+            tensors = load(f.read())
+        except Exception as e:  # safetensors raises its own SafetensorError on a damaged file
+            raise VitditError(f"{fpath}: unreadable ({e})") from e
+    text, pooled = tensors.get(TEXT_EMB), tensors.get(POOLED_EMB)
+    if text is None or pooled is None:
+        raise VitditError(
+            f"{fpath}: expected tensors {TEXT_EMB!r} and {POOLED_EMB!r}, found {sorted(tensors)}"
+        )
+    if tuple(text.shape) != manifest.text_shape or tuple(pooled.shape) != (manifest.pooled_width,):
+        raise VitditError(
+            f"{fpath}: shapes {tuple(text.shape)} and {tuple(pooled.shape)}, the manifest says "
+            f"{manifest.text_shape} and ({manifest.pooled_width},)"
+        )
+    return text, pooled
 
 
 def part_paths(uri: str, manifest: Manifest) -> tuple[object, list[str]]:
@@ -99,23 +145,31 @@ def load_latents_numpy(
 ) -> tuple[dict[str, np.ndarray], Manifest]:
     """The whole data set as numpy arrays, without Ray (small data sets, tests, quickstart checks).
 
-    Returns ``{"id", "label", "mean", "std"[, "mean_flip", "std_flip"]}`` with N×C×H×W latents.
+    Returns ``{"id", "label", "mean", "std"[, "mean_flip", "std_flip"][, "caption"][, "text_emb",
+    "pooled_emb"]}`` with N×C×H×W latents, N×L×width and N×width text embeddings.
     """
     manifest = read_manifest(uri)
     manifest.check_compatible(vae=expect_vae, where=uri)
     fs, paths = part_paths(uri, manifest)
     cols = ["id", LABEL, *LATENT_COLUMNS, *(FLIP_COLUMNS if manifest.flips else ())]
+    cols += [CAPTION] if manifest.has_captions else []
+    shapes = {c: tuple(manifest.latent_shape) for c in (*LATENT_COLUMNS, *FLIP_COLUMNS)}
+    if manifest.text is not None:
+        cols += [TEXT_EMB, POOLED_EMB]
+        shapes.update({TEXT_EMB: manifest.text_shape, POOLED_EMB: (manifest.pooled_width,)})
     out: dict[str, list] = {c: [] for c in cols}
-    shape = tuple(manifest.latent_shape)
     for p in paths:
         with fs.open_input_file(p) as fh:
             t = pq.read_table(fh)
         for c in cols:
+            if c == CAPTION and c not in t.column_names:  # parts written without captions
+                out[c].append(np.array([""] * t.num_rows, dtype=object))
+                continue
             col = t.column(c).combine_chunks()
-            if c in LATENT_COLUMNS or c in FLIP_COLUMNS:
-                out[c].append(_tensor_column_to_numpy(col, shape))
+            if c in shapes:
+                out[c].append(_tensor_column_to_numpy(col, shapes[c]))
             else:
-                out[c].append(np.asarray(col.to_pylist() if c == "id" else col.to_numpy()))
+                out[c].append(np.asarray(col.to_pylist() if c in (ID, CAPTION) else col.to_numpy()))
     arrays = {c: np.concatenate(v) if v else np.zeros((0,)) for c, v in out.items()}
     arrays[LABEL] = arrays[LABEL].astype(np.int32)
     return arrays, manifest
@@ -129,7 +183,7 @@ def _tensor_column_to_numpy(col, shape: tuple[int, ...]) -> np.ndarray:
     flat = storage.flatten()
     while hasattr(flat, "flatten") and not hasattr(flat.type, "bit_width"):
         flat = flat.flatten()
-    return np.asarray(flat.to_numpy(zero_copy_only=False)).reshape((-1, *shape))  # N, C, H, W
+    return np.asarray(flat.to_numpy(zero_copy_only=False)).reshape((-1, *shape))  # N, *shape
 
 
 def held_out(row_id: str, fraction: float) -> bool:

@@ -5,9 +5,15 @@ Defined once here and imported by every writer (``pipelines.encode``) and reader
 
 Layout of a latent data set directory (or URI prefix)::
 
-    manifest.json        written last: its presence means the data set is complete
-    part-*.parquet       one row per image
-    quarantine.jsonl     one JSON line per unusable input: {"id", "source", "reason"}
+    manifest.json              written last: its presence means the data set is complete
+    part-*.parquet             one row per image
+    quarantine.jsonl           one JSON line per unusable input: {"id", "source", "reason"}
+    empty_caption.safetensors  with a text encoder only: the encoding of "" (tensors "text_emb"
+                               L x width and "pooled_emb" width, float32), written before the manifest
+
+Format 2 added the ``caption`` column (always written), the optional ``text_emb``/``pooled_emb``
+columns and the manifest's ``text``, ``captioned`` and ``uncaptioned``; format 1 manifests still read
+(their data sets have no captions: ``uncaptioned`` is their row count).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from typing import Any
 
 from vitdit.errors import DatasetMismatchError, VitditError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+EMPTY_CAPTION_NAME = "empty_caption.safetensors"
 QUARANTINE_NAME = "quarantine.jsonl"
 PART_PREFIX = "part-"
 
@@ -30,8 +38,12 @@ MEAN = "mean"  # C x H x W posterior mean, storage dtype
 STD = "std"  # C x H x W posterior std, storage dtype
 MEAN_FLIP = "mean_flip"  # only when the data set has flips
 STD_FLIP = "std_flip"
+CAPTION = "caption"  # string; "" when the image has none (format 2 on, always present)
+TEXT_EMB = "text_emb"  # L x width token embeddings, storage dtype; only with a text encoder
+POOLED_EMB = "pooled_emb"  # width pooled embedding, storage dtype; only with a text encoder
 LATENT_COLUMNS = (MEAN, STD)
 FLIP_COLUMNS = (MEAN_FLIP, STD_FLIP)
+TEXT_COLUMNS = (TEXT_EMB, POOLED_EMB)
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -71,10 +83,31 @@ class Manifest:
     vitdit_version: str
     format_version: int = FORMAT_VERSION
     created_at: str | None = None
+    # The text encoder whose embeddings the data set holds (None: captions only). Keys: path, kind
+    # ("clip" | "t5"), sha256, max_length (L), padding, width, pooled_width, tokens, pooled,
+    # empty_caption (file name), num_truncated (captions cut to L tokens).
+    text: dict[str, Any] | None = None
+    captioned: int = 0  # rows with a non-empty caption
+    uncaptioned: int = 0  # rows whose caption is ""
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_captions(self) -> bool:
+        """Whether the parts have the ``caption`` column (format 2 on)."""
+        return self.format_version >= 2
+
+    @property
+    def text_shape(self) -> tuple[int, int] | None:
+        """(L, width) of ``text_emb``, or None without a text encoder."""
+        return None if self.text is None else (int(self.text["max_length"]), int(self.text["width"]))
+
+    @property
+    def pooled_width(self) -> int | None:
+        """Width of ``pooled_emb``, or None without a text encoder."""
+        return None if self.text is None else int(self.text["pooled_width"])
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -86,10 +119,13 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise VitditError(f"{where}: not valid JSON ({e})") from e
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise VitditError(
-                f"{where}: latent data set format version {version!r}, this vitdit reads {FORMAT_VERSION}"
+                f"{where}: latent data set format version {version!r}, this vitdit reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
+        if version == 1:  # before captions: every row is uncaptioned
+            raw.setdefault("uncaptioned", raw.get("num_rows", 0))
         try:
             raw["vae"] = VAEIdentity(**raw["vae"])
             raw["latent_shape"] = tuple(raw["latent_shape"])
