@@ -2,6 +2,7 @@
 
     vitdit pipeline configs/digits.yaml                     # locally, each stage in this process
     vitdit pipeline configs/digits.yaml --dry-run           # print each stage's command and state
+    vitdit pipeline configs/digits.yaml -v                  # with Ray's own logs
     vitdit pipeline configs/imagenet-256.yaml --address http://127.0.0.1:8265   # one Ray job per stage
 
 A stage whose output is complete is skipped; a failed pipeline re-runs from the stage that failed.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 from jobs._common import add_dataclass_arguments, dataclass_from_args, run_main
@@ -54,68 +54,35 @@ def job_flags(module: str) -> set[str]:
 
 def check_stage_flags(recipe) -> None:
     """Every key of every stage is a flag of that stage's job: a typo fails before anything runs."""
-    import difflib
+    from pipelines.recipe import check_stage_keys
 
-    from pipelines.recipe import STAGES
-    from vitdit.errors import VitditError
-
-    for stage in STAGES:
-        keys = recipe.stages.get(stage.name)
-        if not keys:
-            continue
-        flags = job_flags(stage.module)
-        for key in keys:
-            flag = "--" + str(key).replace("_", "-")
-            if flag not in flags:
-                near = difflib.get_close_matches(flag, sorted(flags), n=1)
-                hint = f" (did you mean {near[0][2:].replace('-', '_')}?)" if near else ""
-                raise VitditError(
-                    f"{recipe.source}: stages.{stage.name}.{key}: not a flag of `vitdit {stage.module}`{hint}"
-                )
+    check_stage_keys(recipe, lambda stage: job_flags(stage.module))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "vitdit pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("recipe", help="recipe YAML, e.g. configs/digits.yaml")
     add_dataclass_arguments(parser, PipelineConfig)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's logs and library warnings")
     args = parser.parse_args(argv)
     cfg = dataclass_from_args(PipelineConfig, args)
 
     def body() -> int:
-        from pipelines.recipe import cluster_runner, load_recipe, local_runner, plan, run_pipeline
-        from pipelines.tracking import resolve_tracking_uri
+        from pipelines.progress import quiet_logs
+        from pipelines.recipe import cluster_runner, in_process_runner, load_recipe, run_recipe
 
         recipe = load_recipe(args.recipe)
         check_stage_flags(recipe)
-        if cfg.dry_run:
-            for stage, stage_argv, complete in plan(recipe, strict=False):
-                state = {True: "complete, skip", False: "to run", None: "output unreachable"}[complete]
-                print(f"{stage.name:9s} [{state}] vitdit-job {stage.module} {' '.join(stage_argv)}")
-            return 0
-        # Every stage logs to one store: the recipe's, else the environment's, else ./mlflow.db (absolute).
-        uri = recipe.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if uri or cfg.address is None:
-            os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(uri)
-        if cfg.address:
-            runner = cluster_runner(cfg.address, cfg.working_dir, cfg.python)
-        else:
+        if not cfg.dry_run:
+            quiet_logs(args.verbose)
+        runner = cluster_runner(cfg.address, cfg.working_dir, cfg.python) if cfg.address else None
+        if not cfg.address and not cfg.dry_run:
             from pipelines.runtime import init_ray
 
             init_ray(None)  # one local session shared by every stage
-            runner = local_runner
-        results = run_pipeline(recipe, runner, redo=cfg.redo)
-        print(f"\npipeline {recipe.name} ({recipe.workdir}):")
-        for r in results:
-            extra = f" in {r.seconds:.0f} s" if r.status in ("done", "failed") else ""
-            code = f" (exit {r.exit_code})" if r.status == "failed" else ""
-            print(f"  {r.name:9s} {r.status}{extra}{code}")
-        failed = [r for r in results if r.status == "failed"]
-        if failed:
-            print(
-                f"stage {failed[0].name} failed; re-run the same command to resume from it", file=sys.stderr
-            )
-            return failed[0].exit_code or 1
-        return 0
+        log_dir = None if args.verbose or "://" in recipe.workdir else recipe.path("logs")
+        runner = runner or in_process_runner("jobs", log_dir=log_dir)
+        return run_recipe(recipe, runner, redo=cfg.redo, dry_run=cfg.dry_run, local=cfg.address is None)
 
     return run_main(body)
 

@@ -30,9 +30,11 @@ import json
 import logging
 import os
 import re
+import shlex
+import sys
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from vitdit.errors import VitditError
 
@@ -237,6 +239,7 @@ class Stage:
 
     name: str
     module: str  # jobs.<module>
+    command: str  # the `vitdit` sub-command that runs it (its words, e.g. "train vae")
     wiring: Callable[[Recipe], dict[str, Any]]  # flags that connect it to the other stages
     complete: Callable[[Recipe], bool]  # its output is complete: skip it
     needs: tuple[str, ...] = ()  # inputs (keys of INPUT_KEYS) it reads
@@ -252,6 +255,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "data",
         "data_digits",
+        "data digits",
         lambda r: {"output": r.path("data"), "resolution": r.resolution},
         lambda r: _exists(_marker(r, "data")),
         marker=True,
@@ -259,6 +263,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "vae",
         "train_vae",
+        "train vae",
         lambda r: {"images": _images(r), "output": r.path("vae"), "resolution": r.resolution},
         lambda r: _exists(r.path("vae", "vae", "config.json")),
         needs=("images",),
@@ -267,6 +272,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "encode",
         "encode_latents",
+        "encode",
         lambda r: {
             "input": _images(r) + "/train",
             "output": r.path("latents"),
@@ -279,6 +285,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "vit",
         "train_vit",
+        "train vit",
         lambda r: {"images": _images(r), "output": r.path("vit"), "resolution": r.resolution},
         lambda r: _exists(_checkpoint(r, "vit") + "/model.safetensors"),
         needs=("images",),
@@ -287,6 +294,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "dit",
         "train_dit",
+        "train dit",
         # --vae only decodes the sample grids logged during training: passed when there is one.
         lambda r: {
             "latents": _latents(r),
@@ -300,11 +308,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "sample",
         "sample",
+        "sample",
         lambda r: {"checkpoint": _dit_checkpoint(r), "vae": _vae(r), "output": r.path("samples")},
         lambda r: _exists(r.path("samples", "samples.npz")),
         needs=("checkpoint", "vae"),
     ),
     Stage(
+        "evaluate",
         "evaluate",
         "evaluate",
         lambda r: {
@@ -344,21 +354,97 @@ def stage_argv(recipe: Recipe, stage: Stage) -> list[str]:
     return to_flags(stage.wiring(recipe)) + to_flags(recipe.stages.get(stage.name, {}))
 
 
+def stage_command(stage: Stage, argv: list[str]) -> str:
+    """The stage as a pasteable shell command: ``vitdit train vae --output /w/vae --steps 300 ...``."""
+    return shlex.join(["vitdit", *stage.command.split(), *argv])
+
+
+def train_log(recipe: Recipe, stage: Stage) -> tuple[str, int] | None:
+    """(the trainer's train_log.jsonl, its total steps) for a training stage with a local output."""
+    steps = recipe.stages.get(stage.name, {}).get("steps")
+    if "steps" not in stage.required_args or steps is None or _is_uri(recipe.workdir):
+        return None
+    return recipe.path(stage.name, "train_log.jsonl"), int(steps)
+
+
+def check_stage_keys(recipe: Recipe, flags_of: Callable[[Stage], set[str]]) -> None:
+    """Every key of every stage is one of ``flags_of(stage)`` (its job's long flags), else a
+    VitditError naming the key and the nearest flag: a typo fails before anything runs."""
+    import difflib
+
+    for stage in STAGES:
+        keys = recipe.stages.get(stage.name)
+        if not keys:
+            continue
+        flags = flags_of(stage)
+        for key in keys:
+            flag = "--" + str(key).replace("_", "-")
+            if flag not in flags:
+                near = difflib.get_close_matches(flag, sorted(flags), n=1)
+                hint = f" (did you mean {near[0][2:].replace('-', '_')}?)" if near else ""
+                raise VitditError(
+                    f"{recipe.source}: stages.{stage.name}.{key}: not a flag of `vitdit {stage.command}`{hint}"
+                )
+
+
 # --- running -----------------------------------------------------------------------------------
 
-# runner(stage, argv) -> exit code. Local: call jobs.<module>.main in-process; cluster: submit it.
+# runner(stage, argv) -> exit code. Local: call the job's main in-process; cluster: submit it.
 Runner = Callable[[Stage, list[str]], int]
+# A job's entrypoint: main(argv, prog=...) -> exit code.
+JobMain = Callable[..., "int | None"]
 
 
-def local_runner(stage: Stage, argv: list[str]) -> int:
-    """Run a stage's job in this process (it joins the Ray session the pipeline started)."""
-    import importlib
+def in_process_runner(jobs: str | Mapping[str, JobMain], log_dir: str | None = None) -> Runner:
+    """Run each stage's job in this process (it joins the Ray session the pipeline started).
 
-    mod = importlib.import_module(f"jobs.{stage.module}")
-    try:
-        return int(mod.main(argv, prog=f"vitdit pipeline: {stage.name}") or 0)
-    except SystemExit as e:  # argparse exits on a bad flag in the recipe
-        return int(e.code) if isinstance(e.code, int) else 2
+    ``jobs``: the package holding the job modules (``"jobs"``: ``jobs.<module>.main``), imported by
+    name when a stage runs, or a mapping {module: main}. The caller (``jobs/``) says which, so the
+    runner imports nothing from ``jobs`` itself (imports go jobs → pipelines).
+
+    ``log_dir``: a job's own printed output (its result lines, an evaluation's JSON) goes to
+    ``<log_dir>/<stage>.log`` instead of the terminal, and its last lines are shown if it fails;
+    stderr (warnings, errors, tracebacks) always reaches the terminal.
+    """
+
+    def main_of(stage: Stage) -> JobMain:
+        if isinstance(jobs, Mapping):
+            if stage.module not in jobs:
+                raise VitditError(f"stage {stage.name}: no entrypoint for job {stage.module!r}")
+            return jobs[stage.module]
+        import importlib
+
+        return importlib.import_module(f"{jobs}.{stage.module}").main
+
+    def call(stage: Stage, argv: list[str]) -> int:
+        main = main_of(stage)
+        try:
+            return int(main(argv, prog=f"vitdit {stage.command}") or 0)
+        except SystemExit as e:  # argparse exits on a bad flag in the recipe
+            return int(e.code) if isinstance(e.code, int) else 2
+        except Exception:  # noqa: BLE001 - the stage failed: show why, and let the pipeline report it
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            return 1
+
+    def run(stage: Stage, argv: list[str]) -> int:
+        if log_dir is None:
+            return call(stage, argv)
+        import contextlib
+
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, f"{stage.name}.log")
+        with open(path, "a") as f, contextlib.redirect_stdout(f):
+            print(stage_command(stage, argv), flush=True)
+            code = call(stage, argv)
+        if code != 0:
+            with open(path) as f:
+                tail = f.readlines()[-20:]
+            print(f"--- last lines of {path}:\n{''.join(tail).rstrip()}\n---", file=sys.stderr)
+        return code
+
+    return run
 
 
 def cluster_runner(address: str, working_dir: str = ".", python: str | None = None) -> Runner:
@@ -398,13 +484,29 @@ def plan(recipe: Recipe, strict: bool = True) -> list[tuple[Stage, list[str], bo
     return out
 
 
+class Reporter(Protocol):
+    """What a pipeline run tells its caller as it goes (console lines, an MLflow run)."""
+
+    def stage_started(
+        self, index: int, total: int, name: str, command: str, train_log: tuple[str, int] | None
+    ) -> None: ...
+
+    def stage_finished(
+        self, index: int, total: int, name: str, status: str, seconds: float, exit_code: int
+    ) -> None: ...
+
+
 def run_pipeline(
-    recipe: Recipe, runner: Runner = local_runner, redo: tuple[str, ...] = ()
+    recipe: Recipe,
+    runner: Runner,
+    redo: tuple[str, ...] = (),
+    reporters: Sequence[Reporter] = (),
 ) -> list[StageResult]:
     """Run the recipe's stages in order, skipping complete ones; stops at the first failure.
 
     ``redo`` names stages to run even when complete (their jobs decide whether that resumes or
-    overwrites). Returns one result per stage; the first failed stage is the place a re-run resumes.
+    overwrites). Each of ``reporters`` hears of every stage as it starts and ends. Returns one
+    result per stage; the first failed stage is the place a re-run resumes.
     """
     bad = sorted(set(redo) - set(recipe.stages))
     if bad:
@@ -413,15 +515,22 @@ def run_pipeline(
         )
     results: list[StageResult] = []
     failed = False
-    for stage, argv, complete in plan(recipe):
+    steps = plan(recipe)
+
+    def finish(k: int, result: StageResult) -> None:
+        results.append(result)
+        for r in reporters:
+            r.stage_finished(k, len(steps), result.name, result.status, result.seconds, result.exit_code)
+
+    for k, (stage, argv, complete) in enumerate(steps, 1):
         if failed:
             results.append(StageResult(stage.name, "not run"))
             continue
         if complete and stage.name not in redo:
-            log.info("stage %s: output complete, skipped", stage.name)
-            results.append(StageResult(stage.name, "skipped"))
+            finish(k, StageResult(stage.name, "skipped"))
             continue
-        log.info("stage %s: vitdit %s %s", stage.name, stage.module, " ".join(argv))
+        for r in reporters:
+            r.stage_started(k, len(steps), stage.name, stage_command(stage, argv), train_log(recipe, stage))
         t0 = time.perf_counter()
         code = runner(stage, argv)
         seconds = time.perf_counter() - t0
@@ -431,11 +540,11 @@ def run_pipeline(
             code = 1
         if code != 0:
             failed = True
-            results.append(StageResult(stage.name, "failed", seconds, code))
+            finish(k, StageResult(stage.name, "failed", seconds, code))
             continue
         if stage.marker:
             _write_marker(recipe, stage, argv)
-        results.append(StageResult(stage.name, "done", seconds))
+        finish(k, StageResult(stage.name, "done", seconds))
     return results
 
 
@@ -454,3 +563,53 @@ def _write_marker(recipe: Recipe, stage: Stage, argv: list[str]) -> None:
     with open(tmp, "w") as f:
         f.write(body)
     os.replace(tmp, path)  # atomic: a marker is either absent or whole
+
+
+def run_recipe(
+    recipe: Recipe, runner: Runner, redo: tuple[str, ...] = (), dry_run: bool = False, local: bool = True
+) -> int:
+    """``vitdit pipeline``'s body: print the plan (``dry_run``) or run it; returns the exit code.
+
+    Every stage logs to one MLflow store: the recipe's, else $MLFLOW_TRACKING_URI, else ./mlflow.db
+    (absolute; ``local`` runs only: a cluster's jobs need a store they can reach). The pipeline gets
+    its own run there (experiment vitdit-pipeline), RUNNING from the first stage to the last.
+    """
+    from pipelines.progress import ConsoleReporter, format_seconds
+    from pipelines.tracking import PipelineRun, resolve_tracking_uri
+
+    if dry_run:
+        for stage, argv, complete in plan(recipe, strict=False):
+            state = {True: "complete, skip", False: "to run", None: "output unreachable"}[complete]
+            print(f"{stage.name:9s} [{state}] {stage_command(stage, argv)}")
+        return 0
+    uri = recipe.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    reporters: list[Reporter] = [ConsoleReporter()]
+    run = None
+    if uri or local:
+        os.environ["MLFLOW_TRACKING_URI"] = uri = resolve_tracking_uri(uri)
+        run = PipelineRun(uri, "vitdit-pipeline")
+        raw = {
+            "name": recipe.name,
+            "workdir": recipe.workdir,
+            "inputs": recipe.inputs,
+            "stages": recipe.stages,
+        }
+        run.start(raw, run_name=f"{recipe.name} · {os.path.basename(recipe.workdir.rstrip('/'))}")
+        reporters.append(run)
+    status = "FAILED"
+    try:
+        results = run_pipeline(recipe, runner, redo=redo, reporters=reporters)
+        failed = [r for r in results if r.status == "failed"]
+        status = "FAILED" if failed else "FINISHED"
+    finally:
+        if run is not None:
+            run.end(status)
+    print(f"\npipeline {recipe.name} ({recipe.workdir}):")
+    for r in results:
+        extra = f" in {format_seconds(r.seconds)}" if r.status in ("done", "failed") else ""
+        code = f" (exit {r.exit_code})" if r.status == "failed" else ""
+        print(f"  {r.name:9s} {r.status}{extra}{code}")
+    if failed:
+        print(f"stage {failed[0].name} failed; re-run the same command to resume from it", file=sys.stderr)
+        return failed[0].exit_code or 1
+    return 0

@@ -17,6 +17,45 @@ MIN_LOCAL_LOGICAL_CPUS = 4
 
 # Set when this process started the local cluster itself: its resources are then all there will be.
 _started_local = False
+# Whether Ray's own output reaches this terminal (set by `vitdit quickstart/pipeline -v`).
+_verbose = True
+
+
+def set_ray_verbosity(verbose: bool) -> None:
+    """``verbose=False``: the next ``init_ray`` keeps Ray's logs off the terminal (see ``_ray_log_options``)."""
+    global _verbose
+    _verbose = verbose
+
+
+def _ray_log_options() -> dict:
+    """ray.init's logging arguments (Ray 2.60).
+
+    Quiet: ``log_to_driver=False`` stops the relay of every worker's and actor's stdout/stderr (Ray
+    Train's controller and PlacementGroupCleaner chatter, core_worker "E" lines of expected actor
+    deaths, per-worker step logs), which stay in /tmp/ray/session_latest/logs; ``logging_level``
+    ERROR quiets the driver's "ray" logger (start-up INFO, the token-auth WARNING). Errors are not
+    lost: a failed task or training run raises in the driver with the remote traceback.
+    """
+    if _verbose:
+        return {"log_to_driver": True}
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's progress bars and its "Starting execution" lines off (``DataContext``)."""
+    if _verbose:
+        return
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # Ray Data's "ray.data" logger does not propagate and has two handlers of its own (Ray 2.60,
+    # ray/data/_internal/logging.py): the session's ray-data.log file, kept, and a console handler at
+    # INFO ("Starting execution of Dataset ...", "Estimated parquet reader batch size"), raised to ERROR.
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.ERROR)
 
 
 def check_resources(what: str, need: dict[str, float]) -> None:
@@ -52,11 +91,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **_ray_log_options())
+        _quiet_ray_data()
         return
     cpus = num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_LOGICAL_CPUS)
     log.info("starting a local Ray cluster with %d logical CPUs", cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, **_ray_log_options())
+    _quiet_ray_data()
     global _started_local
     _started_local = True
 

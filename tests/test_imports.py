@@ -51,3 +51,19 @@ def test_vit_model_does_not_import_the_converters():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_recipe_planning_imports_no_job_module():
+    """pipelines.recipe runs stages through what its caller gives it: planning and the runner
+    factory import nothing from jobs/ (imports go jobs → pipelines)."""
+    code = (
+        "import sys\n"
+        "from pipelines.recipe import in_process_runner, parse_recipe, plan, stage_command\n"
+        "from pipelines.quickstart import build_recipe\n"
+        "r = parse_recipe(build_recipe('/tmp/w', None, smoke_test=True))\n"
+        "cmds = [stage_command(s, argv) for s, argv, _ in plan(r, strict=False)]\n"
+        "in_process_runner('jobs')\n"
+        "print(len(cmds), sorted(m for m in sys.modules if m == 'jobs' or m.startswith('jobs.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "7 []"

@@ -18,11 +18,21 @@ import os
 import pytest
 import yaml
 
-from pipelines.recipe import STAGES, load_recipe, local_runner, parse_recipe, plan, run_pipeline, stage_argv
+from pipelines.recipe import (
+    STAGES,
+    in_process_runner,
+    load_recipe,
+    parse_recipe,
+    plan,
+    run_pipeline,
+    stage_argv,
+    stage_command,
+)
 from vitdit.errors import VitditError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_MODULES = sorted({s.module for s in STAGES})
+local_runner = in_process_runner("jobs")
 
 
 def _recipe_dict(workdir, **stages) -> dict:
@@ -224,12 +234,10 @@ def test_pipeline_cli_runs_the_data_stage_and_skips_it_next_time(tmp_path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main([str(recipe), "--address", "http://127.0.0.1:1", "--dry-run"]) == 0
-    assert "[to run] vitdit-job data_digits --output" in out.getvalue()
+    assert "[to run] vitdit data digits --output" in out.getvalue()
     assert main([str(recipe), "--address", "http://127.0.0.1:1"]) == 2  # unreachable job server: clear error
-    from pipelines.recipe import local_runner as real_local_runner
-
     r = load_recipe(str(recipe))
-    assert [x.status for x in run_pipeline(r, real_local_runner)] == ["done"]
+    assert [x.status for x in run_pipeline(r, local_runner)] == ["done"]
     marker = json.loads((tmp_path / "w/_pipeline/data.json").read_text())
     assert marker["module"] == "data_digits" and "--resolution" in marker["argv"]
     out = io.StringIO()
@@ -254,10 +262,149 @@ def test_a_stage_key_that_is_no_flag_of_its_job_fails_before_anything_runs(tmp_p
     recipe.write_text(yaml.safe_dump(raw))
     assert main([str(recipe), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "stages.dit.global_batch_sze: not a flag of `vitdit train_dit`" in err
+    assert "stages.dit.global_batch_sze: not a flag of `vitdit train dit`" in err
     assert "did you mean global_batch_size?" in err
     assert not (tmp_path / "w").exists()  # nothing ran
     check_stage_flags(parse_recipe(_recipe_dict(tmp_path / "w")))  # the good recipe passes
     raw["stages"]["dit"].pop("global_batch_sze")
     raw["stages"]["vit"]["compile"] = False  # a boolean flag's --no- form exists too
     check_stage_flags(parse_recipe(raw))
+
+
+# --- what a run prints and records -------------------------------------------------------------------
+
+
+class _Parsed(Exception):
+    """Raised instead of running a job: carries the namespace its parser produced."""
+
+
+def test_logged_commands_are_real_cli_commands(tmp_path, monkeypatch):
+    """Each stage's logged command, split by a shell, is a `vitdit` sub-command with the stage's flags."""
+    import argparse
+    import shlex
+
+    from jobs import cli
+
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise _Parsed(real_parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    raw = _recipe_dict(tmp_path / "a dir; with 'quotes'")  # the shell must see one word per path
+    raw["stages"]["vae"]["block_out_channels"] = [32, 64]
+    raw["stages"]["dit"]["compile"] = False
+    r = parse_recipe(raw)
+    for stage, argv, _ in plan(r):
+        words = shlex.split(stage_command(stage, argv))
+        assert words[0] == "vitdit" and "jobs." not in " ".join(words) and "_" not in words[1]
+        modules = [m for w, m, _ in cli.COMMANDS if words[1 : 1 + len(w.split())] == w.split()]
+        assert modules == [f"jobs.{stage.module}"], (stage.name, words[:3])
+        with pytest.raises(_Parsed) as parsed:
+            cli.main(words[1:])
+        ns = vars(parsed.value.args[0])
+        for key, value in stage.wiring(r).items():
+            if value is not None:
+                assert str(ns[key]) == str(value), (stage.name, key)
+    vae = next(s for s in STAGES if s.name == "vae")
+    with pytest.raises(_Parsed) as parsed:
+        cli.main(shlex.split(stage_command(vae, stage_argv(r, vae)))[1:])
+    ns = vars(parsed.value.args[0])
+    assert ns["steps"] == 2 and tuple(ns["block_out_channels"]) == (32, 64)
+    assert ns["output"] == str(tmp_path / "a dir; with 'quotes'" / "vae")
+    dit = next(s for s in STAGES if s.name == "dit")
+    with pytest.raises(_Parsed) as parsed:
+        cli.main(shlex.split(stage_command(dit, stage_argv(r, dit)))[1:])
+    assert vars(parsed.value.args[0])["compile"] is False
+
+
+def test_console_shows_a_counter_per_stage_times_and_failures(tmp_path):
+    from pipelines.progress import ConsoleReporter
+
+    r = parse_recipe(_recipe_dict(tmp_path / "run"))
+    out, err = io.StringIO(), io.StringIO()
+    run_pipeline(r, Runner(r, fail={"vit"}), reporters=[ConsoleReporter(out, err)])
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[1/7] data     vitdit data digits --output ")
+    assert lines[1].startswith("[1/7] data     done in ")
+    assert any(line.startswith("[3/7] encode   vitdit encode --input ") for line in lines)
+    assert err.getvalue().startswith("[4/7] vit      FAILED (exit 3) after ")
+    assert not any(line.startswith("[5/7]") for line in lines)  # nothing runs after a failure
+    out = io.StringIO()
+    run_pipeline(r, Runner(r), reporters=[ConsoleReporter(out, err)])
+    assert out.getvalue().splitlines()[0] == "[1/7] data     output complete, skipped"
+
+
+def test_step_progress_reads_the_trainer_log_and_gives_an_eta(tmp_path):
+    from pipelines.progress import StepProgress, format_seconds
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 5, "train/loss": 9.0}) + "\n")  # an earlier run's rows
+    out = io.StringIO()
+    p = StepProgress(str(log), total=100, prefix="dit", out=out, every_s=0.0)
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 10, "train/loss": 0.5}) + "\n")
+        f.write(json.dumps({"step": 10, "val/loss": 0.7}) + "\n")  # a validation row: no loss
+    p.poll()
+    p._first = (p._first[0] - 10.0, 10)  # as if step 10 was seen 10 s ago
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 30, "train/loss": 0.25}) + '\n{"step": 4')  # a row half written
+    p.poll()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "      dit step 10/100 · loss 0.5000"
+    assert lines[1].startswith("      dit step 30/100 · loss 0.2500 · 2.0 steps/s · ETA 35 s")
+    assert format_seconds(3725) == "1 h 02 min" and format_seconds(61) == "1 min 01 s"
+
+
+def test_pipeline_run_is_running_during_the_stages_then_failed(tmp_path):
+    """`vitdit pipeline`'s MLflow run exists from the first stage on, logs each outcome, ends FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.recipe import run_recipe
+    from pipelines.tracking import EXPERIMENT_DESCRIPTIONS
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = _recipe_dict(tmp_path / "run")
+    raw["tracking_uri"] = uri
+    r = parse_recipe(raw)
+    client = MlflowClient(uri)
+    seen = {}
+
+    def runner(stage, argv):
+        (run,) = client.search_runs([client.get_experiment_by_name("vitdit-pipeline").experiment_id])
+        seen[stage.name] = (run.info.status, dict(run.data.tags))
+        return Runner(r, fail={"encode"})(stage, argv)
+
+    assert run_recipe(r, runner) == 3
+    assert seen["data"][0] == "RUNNING" and seen["encode"][0] == "RUNNING"
+    assert seen["encode"][1]["stage.vae"] == "done" and seen["encode"][1]["stage.encode"] == "running"
+    exp = client.get_experiment_by_name("vitdit-pipeline")
+    assert exp.tags["mlflow.note.content"] == EXPERIMENT_DESCRIPTIONS["vitdit-pipeline"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FAILED" and run.info.run_name == "t · run"
+    assert run.data.tags["stage.encode"] == "failed" and "stage.vit" not in run.data.tags
+    assert run.data.params["stages.dit.steps"] == "4" and run.data.params["name"] == "t"
+    assert run.data.tags["command.vae"].startswith("vitdit train vae --images ")
+    assert {"seconds/data", "seconds/vae", "seconds/encode"} <= set(run.data.metrics)
+
+
+def test_training_runs_get_a_descriptive_name_and_described_experiment(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train.mlflow_logger import RunHandle
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    handle = RunHandle(uri, "vitdit-dit")
+    run_id = handle.start(run_name="dit")
+    handle.log_params({"steps": 3000, "model.model_name": "DiT-digits/2", "lr": 0.003})
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.run_name == "dit DiT-digits/2 · 3000 steps"
+    assert "DiT training" in client.get_experiment_by_name("vitdit-dit").tags["mlflow.note.content"]
+    other = RunHandle(uri, "vitdit-vae")
+    run_id = other.start(run_name="my-vae")
+    other.log_params({"steps": 300, "model.model_name": "AutoencoderKL"})
+    assert client.get_run(run_id).info.run_name == "vae AutoencoderKL · 300 steps · my-vae"
+    reopened = RunHandle(uri, "vitdit-vae")
+    reopened.start(run_name="ignored", resume_run_id=run_id)
+    reopened.log_params({"steps": 600})
+    assert client.get_run(run_id).info.run_name == "vae AutoencoderKL · 300 steps · my-vae"  # kept

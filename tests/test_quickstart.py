@@ -1,4 +1,4 @@
-"""`vitdit quickstart`: the built-in recipe, the memorisation check, and the whole smoke run.
+"""`vitdit quickstart`: the packaged recipe, the memorisation check, and the whole smoke run.
 
 The smoke run (`--smoke-test`) runs every stage for real (Ray Train fits, Ray Data encode and
 sampling, MLflow in a SQLite store) at tiny sizes, then runs again to show finished stages are
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from jobs import quickstart
+from pipelines import quickstart
 from pipelines.recipe import STAGES, parse_recipe
 from vitdit.errors import VitditError
 from vitdit.memorization import memorization_report, nearest_distances, to_vectors
@@ -79,15 +79,36 @@ def test_builtin_recipe_is_a_valid_pipeline_recipe(tmp_path, smoke):
         assert recipe.stages["sample"]["num_samples"] >= 10 * 20  # 20 per class
         assert 0.99 <= recipe.stages["dit"]["ema_decay"] < 0.9999  # a short run needs a short EMA
     # The smoke test must not mutate the full recipe.
-    assert quickstart.RECIPE["stages"]["dit"]["steps"] >= 2000
+    assert quickstart.recipe_documents()[0]["stages"]["dit"]["steps"] >= 2000
 
 
-def test_print_recipe_round_trips_to_vitdit_pipeline(tmp_path, capsys):
-    assert quickstart.main(["--print-recipe"]) == 0
-    raw = yaml.safe_load(capsys.readouterr().out)
-    recipe = parse_recipe(raw, source="printed", base_dir=str(tmp_path))
-    assert recipe.workdir == str(tmp_path / "runs" / "quickstart")
-    assert recipe.stages["dit"]["steps"] == quickstart.RECIPE["stages"]["dit"]["steps"]
+@pytest.mark.parametrize("smoke", [False, True])
+def test_print_recipe_round_trips_to_vitdit_pipeline(tmp_path, capsys, smoke):
+    from jobs.quickstart import main
+
+    assert main(["--print-recipe"] + (["--smoke-test"] if smoke else [])) == 0
+    text = capsys.readouterr().out
+    recipe = parse_recipe(yaml.safe_load(text), source="printed", base_dir=str(tmp_path))
+    want = quickstart.build_recipe(str(tmp_path), None, smoke_test=smoke)
+    assert recipe.stages == want["stages"] and recipe.name == want["name"]
+    if not smoke:  # the packaged file as it is: its comments give the reasons for the settings
+        assert recipe.workdir == str(tmp_path / "runs" / "quickstart")
+        assert "# 1,437 training digits" in text and "---" not in text
+
+
+def test_the_recipe_ships_as_package_data():
+    """vitdit/recipes/quickstart.yaml is read through importlib.resources, so an installed wheel has it."""
+    from importlib import resources
+
+    path = resources.files("vitdit.recipes") / "quickstart.yaml"
+    assert path.is_file()
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml")) as f:
+        pyproject = f.read()
+    assert 'vitdit = ["*.json", "**/*.json", "**/*.yaml"]' in pyproject  # what ships vitdit/recipes/*.yaml
+    with pytest.raises(VitditError, match="no packaged recipe 'nope'"):
+        from vitdit.recipes import recipe_text
+
+        recipe_text("nope")
 
 
 # --- the smoke run (Ray, MLflow, every stage) -----------------------------------------------------
@@ -160,6 +181,13 @@ def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_
     assert "CPU time during the run: busy" in out
     assert min(machine["matmul_gflops"].values()) > 0 and "2048² matmul at the start" in out
     assert a["grid"] in out and "mlflow ui" in out  # the job's own output, streamed back
+    # Quiet by default: one counter line per stage start and end, no relayed Ray worker lines.
+    for k, stage in enumerate(STAGES, 1):
+        assert f"[{k}/{len(STAGES)}] {stage.name:8s} vitdit " in out, stage.name
+        assert f"[{k}/{len(STAGES)}] {stage.name:8s} done in " in out, stage.name
+    assert "step 3/3 · loss " in out  # the trainers' progress, read from their train_log.jsonl
+    assert "PlacementGroupCleaner" not in out and "(RayTrainWorker" not in out
+    assert out.rstrip().endswith(f"MLflow UI:    {summary['mlflow_ui']}")  # the summary comes last
 
     # The tracking server holds every stage's run: params, metrics, the grid, the evaluation.
     client = mlflow.MlflowClient(mlflow_server)
@@ -180,9 +208,19 @@ def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_
     )
     assert qs_run.info.run_id == summary["mlflow_run_id"]
     assert qs_run.data.metrics["quickstart/dit_sample_accuracy"] == pytest.approx(m["dit_sample_accuracy"])
+    # The quickstart's run spans the whole run: created before the first stage's, ended after them.
+    assert qs_run.info.status == "FINISHED" and qs_run.info.run_name == "quickstart-smoke · qs"
+    assert qs_run.info.start_time < dit_run.info.start_time < qs_run.info.end_time
+    assert qs_run.data.params["stages.dit.steps"] == "3"
+    assert all(qs_run.data.tags[f"stage.{s.name}"] == "done" for s in STAGES)
+    assert dit_run.info.run_name == "dit DiT-test/2 · 3 steps"
+    exp = client.get_experiment_by_name(quickstart.MLFLOW_EXPERIMENT)
+    assert "vitdit quickstart" in exp.tags["mlflow.note.content"]
 
     # A second run reuses every finished stage.
-    assert quickstart.main(argv) == 0
+    from jobs.quickstart import main
+
+    assert main(argv) == 0
     again = json.loads((work / "summary.json").read_text())
     assert [s["status"] for s in again["stages"]] == ["skipped"] * len(STAGES)
     assert again["seconds"] < summary["seconds"] / 2

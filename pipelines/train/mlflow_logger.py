@@ -15,7 +15,12 @@ import threading
 import time
 from typing import Any
 
-from pipelines.tracking import bound_http_waits, resolve_tracking_uri
+from pipelines.tracking import (
+    bound_http_waits,
+    get_or_create_experiment,
+    resolve_tracking_uri,
+    training_run_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ class RunHandle:
         self.experiment = experiment
         self.run_id: str | None = None
         self.client = None
+        self._new_run_name: str | None = None  # set when start() created the run: log_params renames it
         try:
             from mlflow import MlflowClient
 
@@ -70,9 +76,9 @@ class RunHandle:
                     return self.run_id
                 except Exception as e:
                     log.warning("cannot reopen MLflow run %s (%s); starting a new run", resume_run_id, e)
-            exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            exp_id = get_or_create_experiment(self.client, self.experiment)
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            self._new_run_name = run_name
         except Exception as e:
             log.warning(
                 "MLflow at %s unreachable after %.1f s, training without tracking: %s",
@@ -85,9 +91,21 @@ class RunHandle:
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Params are immutable in MLflow: a resumed run logs only keys it does not have yet."""
+        """Params are immutable in MLflow: a resumed run logs only keys it does not have yet.
+
+        A run that ``start`` created is renamed from the params (``dit DiT-digits/2 · 3000 steps``):
+        the output directory's name alone ("dit") says little in a list of runs.
+        """
         if self.client is None or self.run_id is None:
             return
+        if self._new_run_name is not None:
+            kind = self.experiment.removeprefix("vitdit-")
+            try:
+                name = training_run_name(kind, params, self._new_run_name)
+                self.client.update_run(self.run_id, name=name)
+            except Exception as e:
+                log.warning("MLflow run rename failed: %s", e)
+            self._new_run_name = None
         try:
             from mlflow.entities import Param
 
