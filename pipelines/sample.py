@@ -341,7 +341,9 @@ def resolve_sampling(cfg: SampleConfig) -> tuple[dict[str, Any], dict[str, Any],
         "text_encoder": text_encoder,
         "shift": shift,
         "model_kind": "mmdit" if info["kind"] == "mmdit" else "dit",
-        "class_names": info["class_names"],
+        # A label names what sample i was asked for: its class, or (MM-DiT) its prompt, so that the
+        # evaluator scores class accuracy only where a prompt is exactly a classifier's class name.
+        "class_names": prompts if info["kind"] == "mmdit" else info["class_names"],
         "num_samples": cfg.num_samples,
         "guided_channels": cfg.guided_channels,
         "eta": cfg.eta,

@@ -63,6 +63,35 @@ def make_dit_checkpoint(
     )
 
 
+def make_flow_dit_checkpoint(
+    run_dir: str, step: int, vae_dir: str, train_steps: int = 3, seed: int = 0
+) -> str:
+    """A DiT-test/2 trained a few steps with the rectified-flow objective (``--objective flow``)."""
+    from vitdit.diffusion.flow import RectifiedFlow, scale_timesteps
+    from vitdit.vae import load_vae, vae_identity
+
+    torch.manual_seed(seed)
+    model = vitdit.create_model("DiT-test/2", learn_sigma=False)
+    flow = RectifiedFlow()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(train_steps):
+        x0, y = torch.randn(8, 4, 8, 8), torch.randint(0, 10, (8,))
+        net = scale_timesteps(model, 1000.0)
+        loss = flow.training_losses(lambda x, t, y=y, net=net: net(x, t, y), x0)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    identity = vae_identity(load_vae(vae_dir), vae_dir)
+    diffusion = {"objective": "flow", **flow.config(), "timestep_scale": 1000.0, "learn_sigma": False}
+    config = _config(
+        "dit", "DiT-test/2", model, step, diffusion=diffusion, vae=dataclasses.asdict(identity),
+        mlflow={"tracking_uri": None, "run_id": None},
+    )  # fmt: skip
+    return save_checkpoint(
+        os.path.join(run_dir, checkpoint_name(step)), config, model.state_dict(), None, {"step": step}
+    )
+
+
 def make_vit_checkpoint(run_dir: str, step: int = 10, train_steps: int = 10, seed: int = 0) -> str:
     """A ViT-test/4 digits classifier (16 px) after ``train_steps`` steps on the digits."""
     torch.manual_seed(seed)
