@@ -254,3 +254,21 @@ def test_refuses_what_cannot_be_exported_faithfully(tmp_path, dit_ckpt, tiny_vae
     assert not any((tmp_path / f"o{i}").exists() for i in range(5))
     # With its VAE named, the release file exports.
     assert export_dit_pipeline(str(release), str(tmp_path / "o5"), vae=tiny_vae_dir)["kind"] == "release"
+
+
+def test_vae_gets_the_factors_the_dit_was_trained_with(tmp_path, dit_ckpt, tiny_vae_dir):
+    """The checkpoint's recorded latent factors win over the VAE config's (the DiT learned those)."""
+    edited = _edited_checkpoint(
+        dit_ckpt, str(tmp_path / "ck"), vae=lambda v: {**v, "scaling_factor": 0.25, "shift_factor": 0.1}
+    )
+    export_dit_pipeline(edited, str(tmp_path / "out"))
+    pipe = _load(str(tmp_path / "out"))
+    assert pipe.vae.config.scaling_factor == 0.25 and pipe.vae.config.shift_factor is None
+    plain = load_vae(tiny_vae_dir)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = plain.post_quant_conv(z / 0.25 + 0.1)  # vitdit's decode: z / scale + shift
+        got = pipe.vae.post_quant_conv(z / 0.25)  # the pipeline's: z / scale
+    torch.testing.assert_close(got, ref, **reassociation_tol(ref, n=4 + 1))
+    with open(tmp_path / "out" / EXPORT_INFO_NAME) as f:
+        assert json.load(f)["latent_shift_factor_folded"] == 0.1

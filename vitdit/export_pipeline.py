@@ -268,7 +268,10 @@ def export_dit_pipeline(
         "latent_scaling_factor": scaling,
         "latent_shift_factor_folded": shift,
         "transformer_class": type(transformer).__module__ + "." + type(transformer).__name__,
-        "null_class": PIPELINE_NULL_CLASS if mc.get("class_dropout_prob", 0) > 0 else None,
+        # The label that gives the model's null class in the pipeline (None: no guidance).
+        "null_class": PIPELINE_NULL_CLASS
+        if mc.get("class_dropout_prob", 0) > 0 and int(mc["num_classes"]) <= PIPELINE_NULL_CLASS
+        else None,
         "vitdit_version": vitdit.__version__,
     }
 
