@@ -27,7 +27,7 @@ from _text_utils import (
 from _tolerance import TRANSFORMER_BLOCK_LAYERS, reassociation_tol, unit_roundoff
 
 from jobs import encode_latents
-from pipelines.encode import SETTINGS_NAME, EncodeConfig, _check_resumable, _Output, encode_dataset
+from pipelines.encode import SETTINGS_NAME, EncodeConfig, _check_resumable, _diff, _Output, encode_dataset
 from pipelines.images import CAPTION, ERROR, ID, _ChunkReader, read_image_source
 from pipelines.latents import load_latents_numpy, read_empty_caption, read_latents, read_manifest
 from vitdit import latents as L
@@ -328,6 +328,12 @@ def test_format_1_manifests_still_read_and_unfinished_ones_are_not_resumed(tmp_p
         _check_resumable(out, {**settings, "format_version": 2}, overwrite=False)
     (tmp_path / L.MANIFEST_NAME).write_text(json.dumps(raw))  # finished: reported as complete
     _check_resumable(out, {**settings, "format_version": 2}, overwrite=False)
+
+    # The same text encoder weights in another directory are the same settings; other weights are not.
+    enc = {"path": "/a/clip", "kind": "clip", "sha256": "1" * 64, "max_length": 77}
+    assert _diff({"text_encoder": enc}, {"text_encoder": {**enc, "path": "/b/clip"}}) == []
+    assert _diff({"text_encoder": enc}, {"text_encoder": {**enc, "sha256": "2" * 64}})
+    assert _diff({"text_encoder": enc}, {"text_encoder": None})
 
 
 # ---------------------------------------------------------------------------------------------
