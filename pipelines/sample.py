@@ -304,12 +304,13 @@ def resolve_sampling(cfg: SampleConfig) -> tuple[dict[str, Any], dict[str, Any],
     prompts: list[str] = []
     text_encoder = None
     if info["kind"] == "mmdit":
-        from pipelines.sample_mmdit import read_prompts, resolve_text_encoder
+        from pipelines.sample_mmdit import read_prompts, resolve_text_encoder, warn_truncated
 
         if cfg.classes:
             raise VitditError("--classes: an MM-DiT checkpoint samples from text; use --prompt")
         prompts = read_prompts(cfg.prompt, cfg.prompts_file)
         text_encoder = resolve_text_encoder(info, cfg.text_encoder)
+        warn_truncated(text_encoder, prompts, (info.get("text") or {}).get("max_length"))
         classes = list(range(len(prompts)))
     else:
         if cfg.prompt or cfg.prompts_file:

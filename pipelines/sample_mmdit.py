@@ -82,6 +82,20 @@ def resolve_text_encoder(info: dict[str, Any], override: str | None) -> str:
     return path
 
 
+def warn_truncated(text_encoder: str, prompts: list[str], max_length: int | None) -> int:
+    """Log one warning when prompts are longer than the encoder's limit (they are truncated, as the
+    training captions were); returns how many."""
+    from vitdit.text import count_truncated
+
+    cut = count_truncated(text_encoder, prompts, max_length)
+    if cut:
+        log.warning(
+            "%d of %d prompt(s) are longer than the text encoder's %s tokens and are truncated",
+            cut, len(prompts), max_length or "maximum",
+        )  # fmt: skip
+    return cut
+
+
 def write_prompts_file(output: str, prompts: list[str], num_samples: int) -> str:
     """``prompts.jsonl``: one line per sample, {"index", "label", "prompt"}, written atomically."""
     path = os.path.join(output, PROMPTS_NAME)
@@ -126,7 +140,9 @@ class PromptSampleGenerator:
         )
         self.vae = load_vae(vae_name, device=self.device)
         self.vae_factors = vae_factors
-        encoder = TextEncoder(self.cfg.text_encoder, device=self.device)
+        # The caption length the training data was encoded at (an --text-max-length of encode).
+        max_length = (ckpt_config.get("text") or {}).get("max_length")
+        encoder = TextEncoder(self.cfg.text_encoder, device=self.device, max_length=max_length)
         with torch.no_grad():
             # All prompts once (a sampling job has few distinct prompts), and the empty caption.
             self.text, self.pooled = encoder.encode(self.prompts)  # P, L, D ; P, Dp

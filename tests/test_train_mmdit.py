@@ -122,7 +122,7 @@ def test_prompt_samples_do_not_depend_on_the_number_of_actors(mmdit_run, tmp_pat
         run_sampling(SampleConfig(output=str(tmp_path / "one"), **{**base, "prompt": ("one",)}))
 
 
-def test_prompt_flags_are_checked_against_the_checkpoint_kind(mmdit_run, tiny_vae_dir, tmp_path):
+def test_prompt_flags_are_checked_against_the_checkpoint_kind(mmdit_run, tiny_vae_dir, tmp_path, caplog):
     from _eval_utils import make_dit_checkpoint
 
     from pipelines.sample import SampleConfig, resolve_sampling
@@ -141,6 +141,13 @@ def test_prompt_flags_are_checked_against_the_checkpoint_kind(mmdit_run, tiny_va
         resolve_sampling(
             SampleConfig(checkpoint=str(mmdit_run), output=str(tmp_path / "s"), prompts_file="/nonexistent")
         )
+    # A prompt over the encoder's 16 tokens is truncated, with one warning naming how many.
+    with caplog.at_level("WARNING"):
+        _, resolved, _ = resolve_sampling(
+            SampleConfig(checkpoint=str(mmdit_run), output=str(tmp_path / "s"), prompt=("seven " * 9, "two"))
+        )
+    assert "1 of 2 prompt(s) are longer than the text encoder's 16 tokens" in caplog.text
+    assert resolved["prompts"][0] == "seven " * 9  # recorded as given
     dit_dir = tmp_path / "dit"
     make_dit_checkpoint(str(dit_dir), 3, tiny_vae_dir, mlflow={"tracking_uri": None, "run_id": None})
     with pytest.raises(VitditError, match="class-conditional DiT"):
@@ -148,7 +155,9 @@ def test_prompt_flags_are_checked_against_the_checkpoint_kind(mmdit_run, tiny_va
 
 
 @pytest.mark.ray
-def test_an_mmdit_checkpoint_given_to_dit_commands_is_a_clear_error(mmdit_run, caption_latents, tmp_path):
+def test_an_mmdit_checkpoint_given_to_dit_commands_is_a_clear_error(
+    mmdit_run, caption_latents, tmp_path, capsys
+):
     from jobs.train_dit import main as train_dit
 
     argv = [
@@ -158,6 +167,10 @@ def test_an_mmdit_checkpoint_given_to_dit_commands_is_a_clear_error(mmdit_run, c
         "--num-workers", "1", "--cpus-per-worker", "1",
     ]  # fmt: skip
     assert train_dit(argv) == 2
+    from jobs.export import main as export
+
+    assert export([str(mmdit_run), str(tmp_path / "exported")]) == 2
+    assert "'mmdit' checkpoint, not a DiT" in capsys.readouterr().err
 
 
 def test_mmdit_training_without_text_embeddings_is_refused(tiny_vae_dir, tmp_path):

@@ -94,7 +94,7 @@ def checkpoint_info(checkpoint: str) -> dict[str, Any]:
     path = resolve_checkpoint_dir(checkpoint)
     config = read_config(path)
     if config.get("kind") != "dit":
-        raise VitditError(f"--checkpoint {path}: a {config.get('kind')!r} checkpoint, sampling needs a DiT")
+        raise VitditError(f"--checkpoint {path}: a {config.get('kind')!r} checkpoint, not a DiT")
     mc = config["model_config"]
     return {
         "path": path,

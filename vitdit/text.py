@@ -177,6 +177,16 @@ def describe_text_encoder(path: str, max_length: int | None = None) -> dict[str,
     return _identity(path, kind, config, _weights_sha256(path, weights), max_length)
 
 
+def count_truncated(path: str, captions: list[str], max_length: int | None = None) -> int:
+    """How many of ``captions`` the tokenizer of the text encoder at ``path`` would cut to its
+    ``max_length`` tokens; loads the tokenizer only (a driver checks prompts without the weights)."""
+    path, _, config, _, tok_dir = _resolve(path)
+    tokenizer = _load_tokenizer(path, tok_dir)
+    limit = _resolve_max_length(path, tokenizer, config, max_length)
+    ids = tokenizer([str(c) for c in captions], padding=False, truncation=False, verbose=False)["input_ids"]
+    return sum(len(i) > limit for i in ids)
+
+
 def _identity(path: str, kind: str, config: dict[str, Any], sha256: str, max_length: int) -> dict[str, Any]:
     width, pooled_width, projected = _widths(kind, config)
     if kind == "clip":
