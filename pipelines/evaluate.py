@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines import storage
 from vitdit import metrics
 from vitdit import samples as layout
 from vitdit.errors import VitditError
@@ -92,7 +92,7 @@ def read_reference(root: str, resolution: int, limit: int = 0) -> tuple[np.ndarr
 
     from vitdit.preprocess import center_crop_arr
 
-    if "://" in root and not root.startswith("file://"):
+    if storage.is_uri(root) and not root.startswith("file://"):
         raise VitditError(f"--reference {root}: only local ImageFolder directories are read here")
     root = root.removeprefix("file://")
     if os.path.isdir(os.path.join(root, "val")):
@@ -242,9 +242,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         "seconds": time.time() - t0,
     }
     report_path = cfg.report or os.path.join(cfg.samples, "evaluation.json")
-    os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True)
+    storage.write_json(report_path, report)  # atomic: a reader never sees half a report
     report["report_path"] = report_path
     if cfg.mlflow:
         report["mlflow_run_id"] = log_evaluation(cfg, report, sampling)

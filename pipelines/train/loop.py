@@ -58,6 +58,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pipelines.storage import copy_dir, is_uri, join, read_json, write_json
 from vitdit.checkpoint import (
     CONFIG_KEYS,
     apply_retention,
@@ -280,10 +281,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def batch_plan(global_batch_size: int, num_workers: int, micro_batch_size: int | None) -> tuple[int, int]:
     """(micro batch per worker, accumulation steps) keeping the global batch fixed."""
     if global_batch_size <= 0 or num_workers <= 0:
@@ -497,25 +494,6 @@ class _EpochIterator:
         )
 
 
-def _write_json(path: str, payload: dict) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
-    if is_uri(path):
-        import pyarrow.fs as pafs
-
-        fs, fs_path = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(fs_path) as f:
-            f.write(text.encode())
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _join(output: str, name: str) -> str:
-    return f"{output.rstrip('/')}/{name}" if is_uri(output) else os.path.join(output, name)
-
-
 def _checkpoints_of_this_fit(output: str, preexisting: list[str]) -> list[str]:
     """Checkpoints in a local run directory that were not there when this fit started."""
     if is_uri(output):
@@ -562,17 +540,9 @@ def _pointed_checkpoint(ray_ckpt) -> str:
             target = json.load(f)["path"]
     if is_uri(target):
         local = os.path.join(tempfile.mkdtemp(prefix="vitdit-restore-"), os.path.basename(target.rstrip("/")))
-        import pyarrow.fs as pafs
-
-        pafs.copy_files(target, local)
+        copy_dir(target, local)
         return local
     return target
-
-
-def _upload_dir(local: str, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    pafs.copy_files(local, uri)
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -751,7 +721,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
                     train_state,
                 )
                 target = f"{output.rstrip('/')}/{name}"
-                _upload_dir(local, target)
+                copy_dir(local, target)
                 shutil.rmtree(os.path.dirname(local), ignore_errors=True)
             else:
                 target = save_checkpoint(
@@ -766,7 +736,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             # Ray only registers checkpoints under its own run directory (and would copy ours there):
             # report a pointer to the checkpoint instead, the pattern Ray's error message suggests.
             pointer_dir = tempfile.mkdtemp(prefix="vitdit-pointer-")
-            _write_json(os.path.join(pointer_dir, POINTER_NAME), {"path": target, "step": step_done})
+            write_json(os.path.join(pointer_dir, POINTER_NAME), {"path": target, "step": step_done})
             ckpt = Checkpoint.from_directory(pointer_dir)
         ray.train.report(
             {"step": step_done},
@@ -778,7 +748,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     def stop_nonfinite(step_k: int, loss_value: float, grad_norm: float | None) -> None:
         if rank == 0:
             payload = {"step": step_k, "loss": str(loss_value), "grad_norm": str(grad_norm)}
-            _write_json(_join(output, NONFINITE_MARKER), payload)
+            write_json(join(output, NONFINITE_MARKER), payload)
             if logger is not None:
                 logger.set_tag("stopped", f"non-finite loss at step {step_k}")
                 logger.close()
@@ -879,7 +849,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         t_end = time.perf_counter()
         summary = task.finalize(raw, ema, output) or {}
         summary = {"final_step": step, **summary}
-        _write_json(_join(output, SUMMARY_NAME), summary)
+        write_json(join(output, SUMMARY_NAME), summary)
         if logger is not None:
             logger.close()
         log.info(
@@ -898,7 +868,7 @@ def _record_precision(
     if report is not None:
         record.update({k: report.get(k) for k in ("reason", "cached", "seconds", "figures", "key")})
     try:
-        _write_json(_join(output, PRECISION_NAME), record)
+        write_json(join(output, PRECISION_NAME), record)
     except OSError as e:
         log.warning("cannot write %s: %s", PRECISION_NAME, e)
     if logger is not None:
@@ -1134,7 +1104,7 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
         ),
         run_config=ray.train.RunConfig(
             name=f"{task.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=f"{output.rstrip('/')}/_ray" if is_uri(output) else os.path.join(output, "_ray"),
+            storage_path=join(output, "_ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # Retention is ours (last K + every M-th); Ray's num_to_keep would delete the M-th ones.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
@@ -1148,7 +1118,7 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
         handle.end("FAILED")
         raise
 
-    nonfinite = _read_json(output, NONFINITE_MARKER)
+    nonfinite = read_json(join(output, NONFINITE_MARKER))
     if nonfinite is None and result.metrics and "nonfinite_step" in result.metrics:
         nonfinite = {"step": result.metrics["nonfinite_step"]}
     if nonfinite is not None:
@@ -1166,28 +1136,12 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
         with result.checkpoint.as_directory() as d:
             with open(os.path.join(d, POINTER_NAME)) as f:
                 last_ckpt = json.load(f)["path"]
-    summary = _read_json(output, SUMMARY_NAME) or {}
+    summary = read_json(join(output, SUMMARY_NAME)) or {}
     final_step = int(summary.get("final_step", cfg.steps))
     res = TrainResult(output, final_step, checkpoints, last_ckpt, run_id, handle_uri, summary)
     print(f"checkpoints: {output} (latest: {last_ckpt})")
     print(f"mlflow run: {run_id} at {handle_uri}" if run_id else "mlflow run: none (tracking unreachable)")
     return res
-
-
-def _read_json(output: str, name: str) -> dict | None:
-    path = _join(output, name)
-    if is_uri(output):
-        import pyarrow.fs as pafs
-
-        fs, fs_path = pafs.FileSystem.from_uri(path)
-        if fs.get_file_info(fs_path).type == pafs.FileType.NotFound:
-            return None
-        with fs.open_input_stream(fs_path) as f:
-            return json.loads(f.read().decode())
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
