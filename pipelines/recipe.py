@@ -26,7 +26,6 @@ Credentials never go into a recipe: keys or values that look like one are refuse
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from pipelines import storage
 from vitdit.errors import VitditError
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,7 @@ class Recipe:
 
     def path(self, *parts: str) -> str:
         """A path under workdir (URIs joined with '/')."""
-        return "/".join([self.workdir.rstrip("/"), *parts])
-
-
-def _is_uri(s: str) -> bool:
-    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", s))
+        return storage.join(self.workdir, *parts)
 
 
 def check_no_credentials(obj: Any, where: str) -> None:
@@ -117,7 +113,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", base_dir: str | None = None
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise VitditError(f"{source}: name: {name!r} may only hold letters, digits, '_', '.', '-'")
     workdir = field("workdir", str)
-    if not _is_uri(workdir):
+    if not storage.is_uri(workdir):
         workdir = os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(workdir)))
     resolution = field("resolution", int)
     if resolution < 8:
@@ -188,19 +184,6 @@ def load_recipe(path: str) -> Recipe:
 # --- the stages --------------------------------------------------------------------------------
 
 
-def _exists(path: str) -> bool:
-    """A file exists, local or behind a pyarrow filesystem URI (s3://, gs://)."""
-    if not _is_uri(path):
-        return os.path.exists(path)
-    import pyarrow.fs as pafs
-
-    try:
-        fs, p = pafs.FileSystem.from_uri(path)
-        return fs.get_file_info(p).type != pafs.FileType.NotFound
-    except (OSError, ValueError) as e:  # unreachable storage, missing credentials
-        raise VitditError(f"{path}: cannot check whether it exists ({e})") from e
-
-
 def _checkpoint(r: Recipe, stage: str) -> str:
     return r.path(stage, f"checkpoint_{int(r.stages[stage]['steps']):08d}")
 
@@ -257,7 +240,7 @@ STAGES: tuple[Stage, ...] = (
         "data_digits",
         "data digits",
         lambda r: {"output": r.path("data"), "resolution": r.resolution},
-        lambda r: _exists(_marker(r, "data")),
+        lambda r: storage.exists(_marker(r, "data")),
         marker=True,
     ),
     Stage(
@@ -265,7 +248,7 @@ STAGES: tuple[Stage, ...] = (
         "train_vae",
         "train vae",
         lambda r: {"images": _images(r), "output": r.path("vae"), "resolution": r.resolution},
-        lambda r: _exists(r.path("vae", "vae", "config.json")),
+        lambda r: storage.exists(r.path("vae", "vae", "config.json")),
         needs=("images",),
         required_args=("steps",),
     ),
@@ -279,7 +262,7 @@ STAGES: tuple[Stage, ...] = (
             "vae": _vae(r),
             "resolution": r.resolution,
         },
-        lambda r: _exists(r.path("latents", "manifest.json")),
+        lambda r: storage.exists(r.path("latents", "manifest.json")),
         needs=("images", "vae"),
     ),
     Stage(
@@ -287,7 +270,7 @@ STAGES: tuple[Stage, ...] = (
         "train_vit",
         "train vit",
         lambda r: {"images": _images(r), "output": r.path("vit"), "resolution": r.resolution},
-        lambda r: _exists(_checkpoint(r, "vit") + "/model.safetensors"),
+        lambda r: storage.exists(_checkpoint(r, "vit") + "/model.safetensors"),
         needs=("images",),
         required_args=("steps",),
     ),
@@ -301,7 +284,7 @@ STAGES: tuple[Stage, ...] = (
             "output": r.path("dit"),
             "vae": _vae(r) if _has(r, "vae") else None,
         },
-        lambda r: _exists(_checkpoint(r, "dit") + "/model.safetensors"),
+        lambda r: storage.exists(_checkpoint(r, "dit") + "/model.safetensors"),
         needs=("latents",),
         required_args=("steps",),
     ),
@@ -310,7 +293,7 @@ STAGES: tuple[Stage, ...] = (
         "sample",
         "sample",
         lambda r: {"checkpoint": _dit_checkpoint(r), "vae": _vae(r), "output": r.path("samples")},
-        lambda r: _exists(r.path("samples", "samples.npz")),
+        lambda r: storage.exists(r.path("samples", "samples.npz")),
         needs=("checkpoint", "vae"),
     ),
     Stage(
@@ -323,7 +306,7 @@ STAGES: tuple[Stage, ...] = (
             "classifier": _classifier(r),
             "report": r.path("eval", "report.json"),
         },
-        lambda r: _exists(r.path("eval", "report.json")),
+        lambda r: storage.exists(r.path("eval", "report.json")),
         needs=("images", "classifier"),
     ),
 )
@@ -362,7 +345,7 @@ def stage_command(stage: Stage, argv: list[str]) -> str:
 def train_log(recipe: Recipe, stage: Stage) -> tuple[str, int] | None:
     """(the trainer's train_log.jsonl, its total steps) for a training stage with a local output."""
     steps = recipe.stages.get(stage.name, {}).get("steps")
-    if "steps" not in stage.required_args or steps is None or _is_uri(recipe.workdir):
+    if "steps" not in stage.required_args or steps is None or storage.is_uri(recipe.workdir):
         return None
     return recipe.path(stage.name, "train_log.jsonl"), int(steps)
 
@@ -549,20 +532,9 @@ def run_pipeline(
 
 
 def _write_marker(recipe: Recipe, stage: Stage, argv: list[str]) -> None:
-    body = json.dumps({"stage": stage.name, "module": stage.module, "argv": argv, "finished_at": time.time()})
-    path = _marker(recipe, stage.name)
-    if _is_uri(path):
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(p) as f:
-            f.write(body.encode())
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(body)
-    os.replace(tmp, path)  # atomic: a marker is either absent or whole
+    # Atomic: a marker is either absent or whole.
+    payload = {"stage": stage.name, "module": stage.module, "argv": argv, "finished_at": time.time()}
+    storage.write_json(_marker(recipe, stage.name), payload, indent=None)
 
 
 def run_recipe(
