@@ -243,7 +243,7 @@ def test_refuses_what_cannot_be_exported_faithfully(tmp_path, dit_ckpt, tiny_vae
         export_dit_pipeline(flow, str(tmp_path / "o1"))
     vit = _edited_checkpoint(dit_ckpt, str(tmp_path / "vit"), kind="vit")
     assert cli(["export", vit, str(tmp_path / "o2")]) == 2
-    assert "needs a DiT" in capsys.readouterr().err
+    assert "not a DiT" in capsys.readouterr().err
     wide_vae = make_tiny_vae(tmp_path / "vae8", latent_channels=8)
     with pytest.raises(VitditError, match="8 latent channels"):
         export_dit_pipeline(dit_ckpt, str(tmp_path / "o3"), vae=wide_vae)
