@@ -446,4 +446,5 @@ def test_dit_trained_with_the_flow_objective_lowers_its_held_out_flow_loss(digit
     assert extra["mse"] > 0 and before["val/loss"] > 1.0, before
     assert after["val/loss"] < 0.8 * before["val/loss"], (before, after)
     assert after["val/loss_ema"] < 0.8 * before["val/loss_ema"], (before, after)
-    assert grid is not None and grid.size == (32, 32)  # 4 Euler-sampled 16-px digits, 2 × 2
+    # 4 Euler-sampled 16-px digits of 4 classes: a labelled row each, tiles upscaled to 64 px.
+    assert grid is not None and grid.size[1] == 4 * (64 + 2) + 2, grid.size

@@ -43,8 +43,8 @@ def test_samples_layout_roundtrip(tmp_path):
     first = (tmp_path / "samples.npz").read_bytes()
     layout.write_npz(str(tmp_path), images, labels)
     assert (tmp_path / "samples.npz").read_bytes() == first  # no timestamps in the zip
-    grid = Image.open(tmp_path / "grid.png")  # one row per class: 2 rows, 4 columns, 2 px padding
-    assert grid.size == (4 * 10 + 2, 2 * 10 + 2)
+    grid = Image.open(tmp_path / "grid.png")  # one row per class: 2 rows of 8-px tiles upscaled to 64
+    assert grid.size[1] == 2 * (64 + 2) + 2
     os.remove(tmp_path / "images" / "000004_3.png")
     with pytest.raises(VitditError, match="index 4"):
         layout.read_images(str(tmp_path), 7)
@@ -92,7 +92,7 @@ def test_one_and_two_actors_give_identical_samples(ray_session, dit_run, tmp_pat
     assert a == (tmp_path / "two" / "samples.npz").read_bytes()
     names = sorted(os.listdir(tmp_path / "one" / "images"))
     assert names[:4] == ["000000_1.png", "000001_4.png", "000002_7.png", "000003_1.png"] and len(names) == 10
-    assert Image.open(tmp_path / "one" / "grid.png").size[1] == 3 * (16 + 2) + 2  # a row per class
+    assert Image.open(tmp_path / "one" / "grid.png").size[1] == 3 * (64 + 2) + 2  # a row per class
 
     # Resume: a lost PNG is regenerated alone (its chunk), and the npz comes out the same.
     os.remove(tmp_path / "two" / "images" / "000007_4.png")

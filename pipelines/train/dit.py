@@ -110,20 +110,6 @@ class DiTTrainConfig:
     grid_cfg_scale: float = dataclasses.field(default=4.0, metadata={"help": "guidance scale of the grid"})
 
 
-def image_grid(images: torch.Tensor, nrow: int):
-    """N×3×H×W in [-1, 1] → one PIL image, ``nrow`` per row."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    canvas = torch.zeros((3, rows * h, nrow * w), dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        canvas[:, r * h : (r + 1) * h, col * w : (col + 1) * w] = pixels[i, :3]
-    return Image.fromarray(canvas.permute(1, 2, 0).numpy())  # H, W, 3
-
-
 class DiTTask(TrainTask):
     """A DiT on the latents of one data set (see the module docstring)."""
 
@@ -367,8 +353,12 @@ class DiTTask(TrainTask):
             else:
                 z = self._ddim_grid_latents(ema_model, noise.float(), y)
             images = decode_latents(vae, z, self.manifest.vae)
-        nrow = cfg.num_classes if self.conditional and cfg.num_classes <= n else int(math.ceil(math.sqrt(n)))
-        return image_grid(images, nrow=max(1, nrow))
+        from vitdit.samples import labeled_grid
+
+        if self.conditional:  # a row per class, named
+            return labeled_grid(images, y.tolist(), list(self.manifest.class_names))
+        k = int(math.ceil(math.sqrt(n)))  # unconditional: a square of samples, rows named by first index
+        return labeled_grid(images, [f"#{i // k * k}" for i in range(n)], max_per_row=k)
 
     def _ddim_grid_latents(self, ema_model: nn.Module, noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from vitdit.diffusion import create_diffusion

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipelines.train.dit import image_grid
 from pipelines.train.loop import TrainTask
 from vitdit.errors import VitditError
 from vitdit.latents import FLIP_COLUMNS, ID, MEAN, MEAN_FLIP, POOLED_EMB, STD, STD_FLIP, TEXT_EMB
@@ -350,7 +348,9 @@ class MMDiTTask(TrainTask):
         with torch.autocast(device_type=device.type, enabled=False):
             z = euler_sample(velocity, noise.float(), self.args.grid_steps, shift=self.args.shift)
             images = decode_latents(vae, z, self.manifest.vae)
-        return image_grid(images, nrow=max(1, int(math.ceil(math.sqrt(n)))))
+        from vitdit.samples import labeled_grid
+
+        return labeled_grid(images, self.grid_prompts[:n])  # a row per prompt, the prompt beside it
 
     def batch_columns(self) -> list[str] | None:
         return None  # datasets() already selected the tensor columns
