@@ -12,6 +12,7 @@ import sys
 COMMANDS: list[tuple[str, str, str]] = [
     ("quickstart", "jobs.quickstart", "run every stage on the bundled digits, locally, in minutes"),
     ("data digits", "jobs.data_digits", "write scikit-learn's handwritten digits as an ImageFolder tree"),
+    ("data numbers", "jobs.data_numbers", "write two-digit numbers captioned in words (text-to-image data)"),
     ("encode", "jobs.encode_latents", "encode images into a latent data set with a VAE (Ray Data)"),
     ("train vae", "jobs.train_vae", "train a small AutoencoderKL (Ray Train)"),
     ("train vit", "jobs.train_vit", "train a ViT classifier on images (Ray Train)"),
