@@ -207,3 +207,36 @@ class SplitById:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mask = np.array([held_out(i, self.fraction) == self.want_val for i in batch[ID]], dtype=bool)
         return {k: v[mask] for k, v in batch.items() if k != ID}
+
+
+def read_captions(uri: str, manifest: Manifest | None = None) -> list[str]:
+    """Every caption of a latent data set, in part order (what a text tower's tokenizer is built from)."""
+    manifest = manifest or read_manifest(uri)
+    if not manifest.has_captions:
+        return []
+    fs, paths = part_paths(uri, manifest)
+    out: list[str] = []
+    for path in paths:
+        out.extend(
+            str(c) for c in pq.read_table(path, filesystem=fs, columns=[CAPTION]).column(CAPTION).to_pylist()
+        )
+    return out
+
+
+class TokenizeCaptions:
+    """map_batches: the ``caption`` column → ``input_ids`` (N×L int32) of a caption tokenizer.
+
+    Torch-free, like :class:`SplitById`, for the same reason (fresh Ray Data workers)."""
+
+    def __init__(self, tokenizer_json: str, max_length: int):
+        from vitdit.captions import CaptionTokenizer
+
+        self.tokenizer = CaptionTokenizer(tokenizer_json, max_length)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from vitdit.captions import INPUT_IDS
+
+        ids, _ = self.tokenizer.ids_numpy([str(c) for c in batch[CAPTION]])
+        out = {k: v for k, v in batch.items() if k != CAPTION}
+        out[INPUT_IDS] = ids.astype(np.int32)
+        return out

@@ -310,7 +310,7 @@ def resolve_sampling(cfg: SampleConfig) -> tuple[dict[str, Any], dict[str, Any],
             raise VitditError("--classes: an MM-DiT checkpoint samples from text; use --prompt")
         prompts = read_prompts(cfg.prompt, cfg.prompts_file)
         text_encoder = resolve_text_encoder(info, cfg.text_encoder)
-        warn_truncated(text_encoder, prompts, (info.get("text") or {}).get("max_length"))
+        warn_truncated(info, text_encoder, prompts)
         classes = list(range(len(prompts)))
     else:
         if cfg.prompt or cfg.prompts_file:

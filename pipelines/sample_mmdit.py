@@ -70,8 +70,16 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str
     return out
 
 
-def resolve_text_encoder(info: dict[str, Any], override: str | None) -> str:
-    """The text encoder directory: ``--text-encoder``, else the one that encoded the training data."""
+def resolve_text_encoder(info: dict[str, Any], override: str | None) -> str | None:
+    """The text encoder directory: ``--text-encoder``, else the one that encoded the training data;
+    None for a model with its own text tower (its tokenizer is in the checkpoint)."""
+    if (info.get("text") or {}).get("kind") == "own":
+        if override:
+            raise VitditError(
+                f"--text-encoder {override}: the checkpoint {info['path']} trained its own text tower, "
+                "which is in the checkpoint; leave --text-encoder out"
+            )
+        return None
     path = override or (info.get("text") or {}).get("path")
     if not path:
         raise VitditError(f"--checkpoint {info['path']}: records no text encoder; pass --text-encoder PATH")
@@ -82,12 +90,19 @@ def resolve_text_encoder(info: dict[str, Any], override: str | None) -> str:
     return path
 
 
-def warn_truncated(text_encoder: str, prompts: list[str], max_length: int | None) -> int:
+def warn_truncated(info: dict[str, Any], text_encoder: str | None, prompts: list[str]) -> int:
     """Log one warning when prompts are longer than the encoder's limit (they are truncated, as the
     training captions were); returns how many."""
-    from vitdit.text import count_truncated
+    text = info.get("text") or {}
+    max_length = text.get("max_length")
+    if text_encoder is None:  # the checkpoint's own tokenizer
+        from vitdit.captions import CaptionTokenizer
 
-    cut = count_truncated(text_encoder, prompts, max_length)
+        _, cut = CaptionTokenizer(text["tokenizer"], int(max_length)).ids_numpy(prompts)
+    else:
+        from vitdit.text import count_truncated
+
+        cut = count_truncated(text_encoder, prompts, max_length)
     if cut:
         log.warning(
             "%d of %d prompt(s) are longer than the text encoder's %s tokens and are truncated",
@@ -140,14 +155,23 @@ class PromptSampleGenerator:
         )
         self.vae = load_vae(vae_name, device=self.device)
         self.vae_factors = vae_factors
+        text = ckpt_config.get("text") or {}
         # The caption length the training data was encoded at (an --text-max-length of encode).
-        max_length = (ckpt_config.get("text") or {}).get("max_length")
-        encoder = TextEncoder(self.cfg.text_encoder, device=self.device, max_length=max_length)
+        max_length = text.get("max_length")
         with torch.no_grad():
             # All prompts once (a sampling job has few distinct prompts), and the empty caption.
-            self.text, self.pooled = encoder.encode(self.prompts)  # P, L, D ; P, Dp
-            self.empty_text, self.empty_pooled = encoder.encode([""])  # 1, L, D ; 1, Dp
-        del encoder
+            if text.get("kind") == "own":  # the tower trained with the model, its tokenizer
+                from vitdit.captions import CaptionTokenizer
+
+                tok = CaptionTokenizer(text["tokenizer"], int(max_length))
+                self.text, self.pooled = self.model.encode_text(tok(self.prompts).to(self.device))
+                self.empty_text, self.empty_pooled = self.model.encode_text(tok([""]).to(self.device))
+                self.model = self.model.mmdit  # the image model, fed the embeddings below
+            else:
+                encoder = TextEncoder(self.cfg.text_encoder, device=self.device, max_length=max_length)
+                self.text, self.pooled = encoder.encode(self.prompts)  # P, L, D ; P, Dp
+                self.empty_text, self.empty_pooled = encoder.encode([""])  # 1, L, D ; 1, Dp
+                del encoder
         self.autocast = _autocast_dtype(self.cfg.precision, self.device)
 
     def _velocity(self, text: torch.Tensor, pooled: torch.Tensor):

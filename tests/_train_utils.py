@@ -169,10 +169,10 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 CAPTION_TEMPLATES = ("{}", "a {}", "digit {}")  # short: the tiny CLIP of the tests has 16 tokens
 
 
-def write_caption_latents(out_dir: str, vae_dir: str, text_encoder_dir: str, n: int = 512) -> str:
-    """The digit latents of :func:`write_digit_latents` with captions ("a seven", "digit seven", ...) and
-    their text embeddings from a saved transformers text encoder: what ``vitdit encode
-    --text-encoder`` writes (columns, manifest ``text``, ``empty_caption.safetensors``)."""
+def write_caption_latents(out_dir: str, vae_dir: str, text_encoder_dir: str | None, n: int = 512) -> str:
+    """The digit latents of :func:`write_digit_latents` with captions ("a seven", "digit seven", ...) and,
+    given a saved transformers text encoder, their text embeddings: what ``vitdit encode
+    [--text-encoder]`` writes (columns, manifest ``text``, ``empty_caption.safetensors``)."""
     import json
     import os
 
@@ -185,7 +185,7 @@ def write_caption_latents(out_dir: str, vae_dir: str, text_encoder_dir: str, n: 
     from vitdit.text import TextEncoder
 
     write_digit_latents(out_dir, vae_dir, n=n)
-    encoder = TextEncoder(text_encoder_dir)
+    encoder = TextEncoder(text_encoder_dir) if text_encoder_dir else None
     with open(os.path.join(out_dir, L.MANIFEST_NAME)) as f:
         manifest = json.load(f)
     for part in manifest["parts"]:
@@ -197,24 +197,25 @@ def write_caption_latents(out_dir: str, vae_dir: str, text_encoder_dir: str, n: 
             CAPTION_TEMPLATES[int(i.split("/")[-1][:5]) % len(CAPTION_TEMPLATES)].format(DIGIT_WORDS[y])
             for i, y in zip(ids, labels)
         ]
-        text, pooled = encoder.encode(captions)
         table = table.append_column(L.CAPTION, pa.array(captions))
-        table = table.append_column(L.TEXT_EMB, ArrowTensorArray.from_numpy(text.numpy().astype(np.float16)))
-        table = table.append_column(
-            L.POOLED_EMB, ArrowTensorArray.from_numpy(pooled.numpy().astype(np.float16))
-        )
+        if encoder is not None:
+            text, pooled = encoder.encode(captions)
+            table = table.append_column(
+                L.TEXT_EMB, ArrowTensorArray.from_numpy(text.numpy().astype(np.float16))
+            )
+            table = table.append_column(
+                L.POOLED_EMB, ArrowTensorArray.from_numpy(pooled.numpy().astype(np.float16))
+            )
         pq.write_table(table, path)
-    empty_text, empty_pooled = encoder.encode([""])
-    save_file(
-        {L.TEXT_EMB: empty_text[0].contiguous(), L.POOLED_EMB: empty_pooled[0].contiguous()},
-        os.path.join(out_dir, L.EMPTY_CAPTION_NAME),
-    )
-    manifest.update(
-        format_version=L.FORMAT_VERSION,
-        text={**encoder.identity(), "empty_caption": L.EMPTY_CAPTION_NAME, "num_truncated": 0},
-        captioned=n,
-        uncaptioned=0,
-    )
+    text_record = None
+    if encoder is not None:
+        empty_text, empty_pooled = encoder.encode([""])
+        save_file(
+            {L.TEXT_EMB: empty_text[0].contiguous(), L.POOLED_EMB: empty_pooled[0].contiguous()},
+            os.path.join(out_dir, L.EMPTY_CAPTION_NAME),
+        )
+        text_record = {**encoder.identity(), "empty_caption": L.EMPTY_CAPTION_NAME, "num_truncated": 0}
+    manifest.update(format_version=L.FORMAT_VERSION, text=text_record, captioned=n, uncaptioned=0)
     with open(os.path.join(out_dir, L.MANIFEST_NAME), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     return out_dir

@@ -173,13 +173,11 @@ def test_an_mmdit_checkpoint_given_to_dit_commands_is_a_clear_error(
     assert "'mmdit' checkpoint, not a DiT" in capsys.readouterr().err
 
 
-def test_mmdit_training_without_text_embeddings_is_refused(tiny_vae_dir, tmp_path):
+def test_a_dit_preset_is_not_an_mmdit(tiny_vae_dir, tmp_path):
     from _train_utils import write_digit_latents
 
     from pipelines.train.mmdit import MMDiTTask, MMDiTTrainConfig
 
     plain = write_digit_latents(str(tmp_path / "plain"), tiny_vae_dir, n=64)
-    with pytest.raises(VitditError, match="--text-encoder"):
-        MMDiTTask(MMDiTTrainConfig(latents=plain))
     with pytest.raises(VitditError, match="not an MM-DiT preset"):
         MMDiTTask(MMDiTTrainConfig(latents=plain, model="DiT-test/2"))

@@ -183,7 +183,12 @@ def load_model(ckpt_dir: str | os.PathLike, use_ema: bool = True) -> tuple[nn.Mo
         raise VitditError(
             f"{ckpt_dir}: checkpoint kind {kind!r} has no model to rebuild (expected vit, dit or mmdit)"
         )
-    model = model_from_config(config_from_dict(kind, config["model_config"]))
+    if kind == "mmdit" and (config.get("text") or {}).get("kind") == "own":
+        from vitdit.models.text_tower import tower_from_config
+
+        model = tower_from_config(config)  # the MM-DiT with the text tower it trained with
+    else:
+        model = model_from_config(config_from_dict(kind, config["model_config"]))
     name = EMA_NAME if use_ema and os.path.isfile(os.path.join(ckpt_dir, EMA_NAME)) else MODEL_NAME
     path = os.path.join(ckpt_dir, name)
     if not os.path.isfile(path):
