@@ -42,6 +42,8 @@ if it was claimed meanwhile, its claim marked ``skipped``).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -349,3 +351,81 @@ def _handle(protocol: ClaimProtocol, client, ref: CheckpointRef, evaluate: Evalu
         except Exception as e:  # noqa: BLE001 - the training run may live on another server
             log.warning("could not tag training run %s: %s", ref.training_run_id, e)
     return {"step": ref.step, "run_id": run_id, "state": DONE, "result": result}
+
+
+# --- the watch job (`vitdit evaluate --watch`) ------------------------------------------------------
+
+# Flags that the sampling and evaluation configs share or that watch mode sets per checkpoint.
+_SAMPLE_SKIP = ("checkpoint", "output", "mlflow_run_id", "mlflow", "tracking_uri", "experiment", "overwrite")
+_EVAL_SKIP = (
+    "samples",
+    "mlflow_run",
+    "step",
+    "report",
+    "mlflow",
+    "tracking_uri",
+    "experiment",
+    "vae",
+    "batch_size",
+)
+
+
+@dataclasses.dataclass
+class WatchConfig:
+    watch: str = dataclasses.field(metadata={"help": "training run directory or MLflow run id"})
+    every: str | None = dataclasses.field(
+        default=None, metadata={"help": "keep polling, e.g. 30m (default: one pass)"}
+    )
+    samples_root: str | None = dataclasses.field(
+        default=None, metadata={"help": "where samples go (default: RUN_DIR/eval_samples)"}
+    )
+    claim_timeout: str = dataclasses.field(
+        default="2h", metadata={"help": "a claim without heartbeat this long is stale"}
+    )
+    tracking_uri: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "MLflow store for claims, samples and metrics (default: the one the run's checkpoints "
+            "recorded, else $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+        },
+    )
+    experiment: str = dataclasses.field(
+        default="vitdit-eval", metadata={"help": "MLflow experiment of the claim (= evaluation) runs"}
+    )
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """``vitdit evaluate --watch``: sample and evaluate each unclaimed checkpoint; 1 if one failed."""
+    from pipelines.evaluate import EvalConfig, run_evaluation
+    from pipelines.sample import SampleConfig, run_sampling
+
+
+    values = vars(args)
+    for flag in ("reference", "classifier"):
+        if not values.get(flag):
+            raise VitditError(f"--{flag} is required with --watch")
+    pick = lambda cls, skip: {
+        f.name: values[f.name] for f in dataclasses.fields(cls) if f.name not in skip and f.name in values
+    }
+
+    # One store for the claims, the sampling and the evaluation (store_of says which).
+    uri = store_of(args.watch, args.tracking_uri)
+    print(f"watching {args.watch}; claims and results in MLflow at {uri}")
+
+    def evaluate(ref, run_id):
+        root = args.samples_root or os.path.join(os.path.dirname(ref.path), "eval_samples")
+        out = os.path.join(root, os.path.basename(ref.path))
+        common = {"tracking_uri": uri, "mlflow": True}
+        run_sampling(SampleConfig(**pick(SampleConfig, _SAMPLE_SKIP), checkpoint=ref.path, output=out, mlflow_run_id=run_id, **common))  # fmt: skip
+        report = run_evaluation(EvalConfig(**pick(EvalConfig, _EVAL_SKIP), samples=out, mlflow_run=run_id, step=ref.step, vae=values.get("vae"), **common))  # fmt: skip
+        return report["metrics"]
+
+    handled = watch(
+        args.watch, evaluate, tracking_uri=uri, experiment=args.experiment,
+        every_s=parse_duration(args.every), claim_timeout_s=parse_duration(args.claim_timeout),
+    )  # fmt: skip
+    for r in handled:
+        print(f"step {r['step']}: {r['state']} (MLflow run {r['run_id']})")
+    if not handled:
+        print("nothing to evaluate: every checkpoint has an evaluation or a live claim")
+    return 1 if any(r["state"] == "failed" for r in handled) else 0
