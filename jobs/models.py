@@ -4,7 +4,7 @@ GMACs are billions of multiply-accumulates of one forward pass on one image: the
 calls "Gflops". Training costs about 6× this in FLOPs (3× forward, 2 FLOPs per MAC).
 
     vitdit models                 # the table, as Markdown
-    vitdit models --write-docs    # rewrite the table in docs/models.md (tests/test_docs.py checks it)
+    vitdit models --write-docs    # rewrite the table in docs/models.md (tests/unit/test_docs.py checks it)
 """
 
 from __future__ import annotations

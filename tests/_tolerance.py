@@ -31,7 +31,7 @@ oneDNN and MKL capped at AVX2 (and at SSE4.1 with MKL_CBWR=COMPATIBLE), no compa
 tolerances came within 6% of its bound.
 
 Rounding the *inputs* to a narrower type (bf16 autocast) is not a reassociation: each rounding adds
-u/√3 relative rms error whatever the sum's length (see tests/test_layers.py).
+u/√3 relative rms error whatever the sum's length (see tests/unit/test_layers.py).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import time
 import urllib.request
 
 import pytest
+from _vae_utils import make_tiny_vae  # noqa: F401 - also used by tests that build their own
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # the default 10 s fails on a busy machine
@@ -100,28 +101,6 @@ def mlflow_server(tmp_path_factory):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     log.close()
-
-
-def make_tiny_vae(path, latent_channels: int = 4, seed: int = 0):
-    """A randomly initialised 2-block diffusers AutoencoderKL (2× down-sampling), saved to ``path``."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.5,
-    )
-    vae.save_pretrained(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="session")

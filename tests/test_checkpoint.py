@@ -171,7 +171,7 @@ def test_batch_plan_keeps_the_global_batch():
 def test_precision_and_mfu_peak():
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    # auto on a CPU is measured by the trainer's probe (tests/test_precision.py), never read off a flag
+    # auto on a CPU is measured by the trainer's probe (tests/unit/test_precision.py), never read off a flag
     assert resolve_precision("auto", torch.device("cpu")) is None
     with pytest.raises(VitditError):
         resolve_precision("fp16", torch.device("cpu"))

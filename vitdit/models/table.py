@@ -3,7 +3,7 @@
 GMACs are billions of multiply-accumulates of one forward pass on one image: the unit the DiT paper
 calls "Gflops". Training costs about 6× this in FLOPs (3× forward, 2 FLOPs per MAC). Models are
 built on the meta device, so even SD3.5-Large costs no memory. ``vitdit models`` prints it and
-``vitdit models --write-docs`` rewrites docs/models.md, which tests/test_docs.py compares.
+``vitdit models --write-docs`` rewrites docs/models.md, which tests/unit/test_docs.py compares.
 """
 
 from __future__ import annotations

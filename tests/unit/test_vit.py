@@ -20,7 +20,7 @@ from vitdit.errors import VitditError
 from vitdit.models.layers import set_attn_impl
 from vitdit.models.vit import VIT_PRESETS, ViT, ViTConfig, resize_pos_embed
 
-GOLDEN = Path(__file__).parent / "golden" / "timm_vit_b16.json"
+GOLDEN = Path(__file__).parent.parent / "golden" / "timm_vit_b16.json"
 TINY = VIT_PRESETS["ViT-test/4"]
 # A second shape for the equivalence tests: not 224, a patch size that is not a power of two,
 # non-default MLP ratio and the pre-training (tanh) head.

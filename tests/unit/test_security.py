@@ -74,7 +74,7 @@ def test_release_style_pt_with_pickled_code_is_refused(tmp_path):
 
 
 def test_vae_with_pickled_weights_is_refused(tmp_path):
-    from conftest import make_tiny_vae
+    from _vae_utils import make_tiny_vae
 
     from vitdit.vae import load_vae
 

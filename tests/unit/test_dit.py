@@ -16,7 +16,7 @@ from vitdit.errors import VitditError
 from vitdit.models import DIT_PRESETS, DiT, DiTConfig, create_model, list_models
 from vitdit.models.dit import CONDITIONINGS, sincos_pos_embed_2d, timestep_embedding
 
-GOLDEN = Path(__file__).parent / "golden" / "dit_xl2_keys.json"
+GOLDEN = Path(__file__).parent.parent / "golden" / "dit_xl2_keys.json"
 
 # The paper's model table (256×256, "Gflops" = GMACs) and parameter counts (M); Fig. 5 for the variants.
 PAPER = {

@@ -185,7 +185,7 @@ def test_load_vae_errors_name_the_path(tmp_path):
 
 
 def test_vae_identity_from_config_and_weights(tiny_vae_dir, tmp_path):
-    from conftest import make_tiny_vae
+    from _vae_utils import make_tiny_vae
 
     vae = load_vae(tiny_vae_dir)
     ident = vae_identity(vae, tiny_vae_dir)

@@ -228,7 +228,7 @@ def _edited_checkpoint(src: str, dst: str, **changes) -> str:
 
 
 def test_refuses_what_cannot_be_exported_faithfully(tmp_path, dit_ckpt, tiny_vae_dir, capsys):
-    from conftest import make_tiny_vae
+    from _vae_utils import make_tiny_vae
 
     # make_dit_checkpoint's EMA halves every tensor, the positional table too: diffusers would
     # recompute the table and sample from another model.

@@ -32,7 +32,7 @@ from tests._tolerance import reassociation_rtol
 from vitdit.checkpoint import capture_rng_state, checkpoint_name, list_checkpoints, load_checkpoint
 from vitdit.errors import VitditError
 
-TRAIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "pipelines" / "train"
+TRAIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "pipelines" / "train"
 MAX_FUNCTION_LINES = 80
 
 

@@ -13,7 +13,7 @@ import pytest
 from jobs import cli
 from jobs.models import DOCS_PATH, markdown_table, preset_table, with_table
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(ROOT, "README.md")
 DOCS = os.path.join(ROOT, "docs")
 README_MAX_LINES = 150
