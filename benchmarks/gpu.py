@@ -211,7 +211,7 @@ def build_dit(side: str, name: str, device: torch.device) -> nn.Module:
             sample_size=c.input_size,
             patch_size=c.patch_size,
             num_embeds_ada_norm=c.num_classes,
-            norm_eps=1e-6,  # DiT's value (FACTS.md)
+            norm_eps=1e-6,  # DiT's value (docs/facts.md)
         )
 
 

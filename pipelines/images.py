@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from pipelines import storage
 from vitdit.errors import VitditError
 from vitdit.latents import CAPTION
 from vitdit.preprocess import DEFAULT_MAX_PIXELS, BadImageError, preprocess_bytes
@@ -437,7 +438,7 @@ def read_image_source(
             seen.add(i)
     entries = [(posixpath.relpath(f.path, root), f.size or 0) for f in files]
     return ImageSource(
-        uri=uri if "://" in uri else os.path.abspath(os.path.expanduser(uri)),
+        uri=uri if storage.is_uri(uri) else os.path.abspath(os.path.expanduser(uri)),
         format=fmt,
         class_names=class_names,
         fingerprint=_fingerprint(fmt, entries, extra),

@@ -21,6 +21,7 @@ from typing import Any
 from pipelines.progress import ConsoleReporter
 from pipelines.recipe import JobMain, in_process_runner, parse_recipe, plan, run_pipeline, stage_command
 from pipelines.tracking import PipelineRun
+from vitdit.errors import VitditError
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,12 @@ def ensure_experiments(tracking_uri: str, artifact_root: str | None) -> None:
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
+    """A stage's JSON output for the summary; an unreadable one is reported as missing, not fatal."""
+    from pipelines.storage import read_json
+
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except VitditError:
         return None
 
 

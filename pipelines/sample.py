@@ -130,6 +130,18 @@ def chunk_indices(chunk: int, batch_size: int, num_samples: int) -> range:
     return range(chunk * batch_size, min((chunk + 1) * batch_size, num_samples))
 
 
+def generate_chunks(generator, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A sampling actor's ``__call__``: each chunk id → its samples as one model batch."""
+    out: dict[str, list] = {"index": [], "label": [], "image": []}
+    for chunk in batch["chunk"]:
+        idx = chunk_indices(int(chunk), generator.cfg.batch_size, generator.cfg.num_samples)
+        images, labels = generator.generate(idx)
+        out["index"].append(np.asarray(idx, dtype=np.int64))
+        out["label"].append(labels)
+        out["image"].append(images)
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -239,14 +251,7 @@ class SampleGenerator:
         return layout.to_uint8(images), labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"index": [], "label": [], "image": []}
-        for chunk in batch["chunk"]:
-            idx = chunk_indices(int(chunk), self.cfg.batch_size, self.cfg.num_samples)
-            images, labels = self.generate(idx)
-            out["index"].append(np.asarray(idx, dtype=np.int64))
-            out["label"].append(labels)
-            out["image"].append(images)
-        return {k: np.concatenate(v) for k, v in out.items()}
+        return generate_chunks(self, batch)
 
 
 # --- the driver -----------------------------------------------------------------------------------

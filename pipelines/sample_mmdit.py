@@ -211,13 +211,6 @@ class PromptSampleGenerator:
         return layout.to_uint8(images), labels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.sample import chunk_indices
+        from pipelines.sample import generate_chunks
 
-        out: dict[str, list] = {"index": [], "label": [], "image": []}
-        for chunk in batch["chunk"]:
-            idx = chunk_indices(int(chunk), self.cfg.batch_size, self.cfg.num_samples)
-            images, labels = self.generate(idx)
-            out["index"].append(np.asarray(idx, dtype=np.int64))
-            out["label"].append(labels)
-            out["image"].append(images)
-        return {k: np.concatenate(v) for k, v in out.items()}
+        return generate_chunks(self, batch)

@@ -399,7 +399,6 @@ def run_watch(args: argparse.Namespace) -> int:
     from pipelines.evaluate import EvalConfig, run_evaluation
     from pipelines.sample import SampleConfig, run_sampling
 
-
     values = vars(args)
     for flag in ("reference", "classifier"):
         if not values.get(flag):

@@ -1,7 +1,7 @@
 """Shared fixtures: one local Ray session, one real `mlflow server`, a tiny saved VAE, the digits.
 
 Ray start-up costs seconds and a TorchTrainer.fit ~20 s here, so the whole suite shares one Ray
-session (``ray_session``) with 4 logical CPUs (FACTS.md: 2 training workers at 1 CPU plus a Ray
+session (``ray_session``) with 4 logical CPUs (docs/facts.md: 2 training workers at 1 CPU plus a Ray
 Data stream hang on 2).
 """
 

@@ -1,6 +1,6 @@
 """cluster.yaml passes Ray's own validator offline; the KubeRay RayJob manifest is well-formed.
 
-``prepare_config`` / ``validate_config`` live in a private Ray module (FACTS.md): pyproject pins
+``prepare_config`` / ``validate_config`` live in a private Ray module (docs/facts.md): pyproject pins
 Ray below 3, and this test is what notices when they move.
 """
 

@@ -246,7 +246,7 @@ def test_pipeline_cli_runs_the_data_stage_and_skips_it_next_time(tmp_path):
     assert "data      [complete, skip]" in out.getvalue()
 
 
-# --- the integration test of issue 6 -----------------------------------------------------------------
+# --- the pipeline integration test -----------------------------------------------------------------
 # It lives in tests/test_quickstart.py (test_quickstart_smoke_through_ray_job_api_then_rerun_skips):
 # the quickstart's built-in recipe at smoke sizes is submitted through the Ray job API to a Ray head
 # on loopback with a real `mlflow server`, so one pipeline run serves both issues' tests.

@@ -126,7 +126,7 @@ def _runs(uri: str, experiment: str, since_ms: int = 0) -> list:
 
 @pytest.mark.ray
 def test_quickstart_smoke_through_ray_job_api_then_rerun_skips(ray_head, mlflow_server, tmp_path):
-    """Issue 6's integration test and issue 7's smoke test in one run of the real parts.
+    """The pipeline's integration test and the quickstart's smoke test in one run of the real parts.
 
     `python -m jobs.quickstart --smoke-test` (the built-in recipe at tiny sizes) is submitted
     through the Ray job API to a Ray head on loopback, logging to a real `mlflow server`; then the

@@ -1,4 +1,4 @@
-"""VAE training (issue 4): the loss, the architecture flags, and a real run that writes <output>/vae."""
+"""VAE training: the loss, the architecture flags, and a real run that writes <output>/vae."""
 
 from __future__ import annotations
 

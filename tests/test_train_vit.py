@@ -1,4 +1,4 @@
-"""ViT training (issue 4): augmentation, bf16 vs fp32 agreement, and a real Ray Train run on the digits."""
+"""ViT training: augmentation, bf16 vs fp32 agreement, and a real Ray Train run on the digits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training checkpoints: the DESIGN.md layout, written atomically, loaded without pickled code.
+"""Training checkpoints: the layout of docs/design.md, written atomically, loaded without pickled code.
 
 A checkpoint is a directory ``<run dir>/checkpoint_<step:08d>/``::
 

@@ -33,7 +33,7 @@ reloaded model's outputs differ from ours by an amount that grows with how much 
 timestep. Measured in fp32 (relative L2 over a batch of 4 with t in {0, 10, 500, 999}, weights from
 ``initialize_weights`` with the zero-initialised adaLN/output layers filled with N(0, 0.02), seeds
 0-2): ``DiT-test/2`` 0.08-0.11%, ``DiT-digits/2`` 0.35-0.40%; with every weight drawn from
-N(0, 0.2) it reaches 63% on ``DiT-test/2``; FACTS.md reports about 6% on its random weights. Call
+N(0, 0.2) it reaches 63% on ``DiT-test/2``; docs/facts.md reports about 6% on its random weights. Call
 :func:`set_dit_timestep_shift` on a reloaded model to restore exact equality
 (``tests/test_dit.py::test_dit_to_diffusers_save_reload_shift``).
 

@@ -1,7 +1,7 @@
 """The latent data set contract: column names, dtypes and the manifest.
 
 Defined once here and imported by every writer (``pipelines.encode``) and reader
-(``pipelines.latents.read_latents``, training, tests). See DESIGN.md, "Latent dataset".
+(``pipelines.latents.read_latents``, training, tests). See docs/latent-dataset.md.
 
 Layout of a latent data set directory (or URI prefix)::
 

@@ -1,4 +1,4 @@
-"""The samples layout (DESIGN.md, "Samples"): what `vitdit sample` writes and `vitdit evaluate` reads.
+"""The samples layout (docs/design.md, "Samples"): what `vitdit sample` writes and `vitdit evaluate` reads.
 
 ::
 
@@ -38,7 +38,7 @@ def image_name(index: int, label: int) -> str:
 
 
 def label_for_index(index: int, classes: list[int] | tuple[int, ...]) -> int:
-    """Sample ``index`` gets ``classes[index % len(classes)]`` (DESIGN.md)."""
+    """Sample ``index`` gets ``classes[index % len(classes)]`` (docs/design.md)."""
     return int(classes[index % len(classes)])
 
 

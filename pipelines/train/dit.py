@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pipelines.train.latent_grid import LatentGridMixin
 from pipelines.train.loop import TrainTask
 from vitdit.diffusion.flow import T_SAMPLINGS, WEIGHTINGS
 from vitdit.errors import VitditError
@@ -110,7 +111,7 @@ class DiTTrainConfig:
     grid_cfg_scale: float = dataclasses.field(default=4.0, metadata={"help": "guidance scale of the grid"})
 
 
-class DiTTask(TrainTask):
+class DiTTask(LatentGridMixin, TrainTask):
     """A DiT on the latents of one data set (see the module docstring)."""
 
     kind = "dit"
@@ -171,8 +172,6 @@ class DiTTask(TrainTask):
             "diffusion_steps": 1000,
         }
         self._diffusion = None
-        self._vae = None
-        self._vae_failed = False
 
     # driver side ------------------------------------------------------------------------------
 
@@ -304,29 +303,6 @@ class DiTTask(TrainTask):
             totals["val/loss_ema"] += float(ema_terms["loss"].float().sum())
             n += b
         return {k: v / n for k, v in totals.items()} if n else {}
-
-    def _load_vae(self):
-        if self._vae is None and not self._vae_failed:
-            from vitdit.vae import load_vae
-
-            where = self.args.vae or self.manifest.vae.name_or_path
-            try:
-                self._vae = load_vae(where)
-            except Exception as e:  # offline hub name, moved directory: the grid is optional
-                self._vae_failed = True
-                log.warning("sample grid skipped: cannot load the VAE %s (%s)", where, e)
-        return self._vae
-
-    def warm_up(self) -> None:
-        # Imports only (diffusers takes seconds): building the VAE would draw from torch's global
-        # RNG, which the training thread seeds at every step.
-        if self.args.grid_samples > 0:
-            try:
-                from diffusers import AutoencoderKL  # noqa: F401
-
-                import vitdit.vae  # noqa: F401
-            except Exception:  # the grid is optional: _load_vae says why it is skipped
-                pass
 
     def visualize(self, ema_model: nn.Module, step: int):
         """A fixed-seed grid of the EMA model (classes cycled), decoded with the VAE: DDIM, or with

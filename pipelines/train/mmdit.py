@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipelines.train.latent_grid import LatentGridMixin
 from pipelines.train.loop import TrainTask
 from vitdit.errors import VitditError
 from vitdit.latents import CAPTION, FLIP_COLUMNS, ID, MEAN, MEAN_FLIP, POOLED_EMB, STD, STD_FLIP, TEXT_EMB
@@ -129,7 +130,7 @@ def _first_captions(captions: list[str], n: int) -> list[str]:
     return list(dict.fromkeys(c for c in captions if c))[:n]
 
 
-class MMDiTTask(TrainTask):
+class MMDiTTask(LatentGridMixin, TrainTask):
     """An MM-DiT on the latents and text embeddings of one data set (see the module docstring)."""
 
     kind = "mmdit"
@@ -205,8 +206,6 @@ class MMDiTTask(TrainTask):
             self.grid_cond = (torch.from_numpy(text), torch.from_numpy(pooled)) if prompts else None
         self._captions = None  # only needed to build the tokenizer: not shipped to the workers
         self._flow = None
-        self._vae = None
-        self._vae_failed = False
 
     def _init_own_tower(self, args: MMDiTTrainConfig) -> None:
         """The tokenizer (from every caption of the training data) and the tower's config."""
@@ -390,29 +389,6 @@ class MMDiTTask(TrainTask):
             totals["val/loss_ema"] += float(ema["loss"].float().sum())
             n += x0.shape[0]
         return {k: v / n for k, v in totals.items()} if n else {}
-
-    def _load_vae(self):
-        if self._vae is None and not self._vae_failed:
-            from vitdit.vae import load_vae
-
-            where = self.args.vae or self.manifest.vae.name_or_path
-            try:
-                self._vae = load_vae(where)
-            except Exception as e:  # offline hub name, moved directory: the grid is optional
-                self._vae_failed = True
-                log.warning("sample grid skipped: cannot load the VAE %s (%s)", where, e)
-        return self._vae
-
-    def warm_up(self) -> None:
-        # Imports only: building the VAE would draw from torch's global RNG, which the training
-        # thread seeds at every step.
-        if self.args.grid_samples > 0:
-            try:
-                from diffusers import AutoencoderKL  # noqa: F401
-
-                import vitdit.vae  # noqa: F401
-            except Exception:  # the grid is optional: _load_vae says why it is skipped
-                pass
 
     def visualize(self, ema_model: nn.Module, step: int):
         """A fixed-seed Euler grid of the EMA model, one sample per fixed prompt, VAE-decoded."""

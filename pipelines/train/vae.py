@@ -285,15 +285,13 @@ def save_vae(vae, output_dir: str) -> str:
     import shutil
     import tempfile
 
-    if "://" in output_dir:
-        import pyarrow.fs as pafs
+    from pipelines import storage
 
-        target = output_dir.rstrip("/") + "/vae"
-        fs, path = pafs.FileSystem.from_uri(target)
+    if storage.is_uri(output_dir):
+        target = storage.join(output_dir, "vae")
         with tempfile.TemporaryDirectory(prefix="vitdit-vae-") as tmp:
             vae.save_pretrained(tmp)
-            fs.create_dir(path, recursive=True)
-            pafs.copy_files(tmp, path, destination_filesystem=fs)
+            storage.copy_dir(tmp, target)  # object stores have no directories to create first
         return target
     out = os.path.join(output_dir, "vae")
     tmp = out + ".tmp"

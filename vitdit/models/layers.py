@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 # Attention implementations. "sdpa" is torch's fused scaled_dot_product_attention (the default);
 # "math" is an explicit matmul → softmax → matmul, which trains faster under bf16 autocast on CPUs
-# with bf16 matrix units (FACTS.md: 3.79 vs 1.59 steps/s for a small DiT). Both compute the same
+# with bf16 matrix units (measured: benchmarks/RESULTS.md, "CPU with AMX"). Both compute the same
 # function; tests/test_layers.py checks they agree.
 ATTN_IMPLS = ("sdpa", "math")
 
