@@ -19,7 +19,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipelines.progress import ConsoleReporter
-from pipelines.recipe import JobMain, in_process_runner, parse_recipe, plan, run_pipeline, stage_command
+from pipelines.recipe import (
+    JobMain,
+    check_redo,
+    in_process_runner,
+    parse_recipe,
+    plan,
+    run_pipeline,
+    stage_command,
+)
 from pipelines.tracking import PipelineRun
 from vitdit.errors import VitditError
 
@@ -390,6 +398,7 @@ def run_quickstart(
     recipe = parse_recipe(raw, source=f"vitdit quickstart (vitdit/recipes/{RECIPE_NAME}.yaml)")
     if check_flags is not None:
         check_flags(recipe)
+    check_redo(recipe, redo)
     if dry_run:
         for stage, argv, complete in plan(recipe, strict=False):
             state = "complete, skip" if complete else "to run"

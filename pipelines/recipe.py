@@ -479,6 +479,15 @@ class Reporter(Protocol):
     ) -> None: ...
 
 
+def check_redo(recipe: Recipe, redo: Sequence[str]) -> None:
+    """``--redo`` may name only stages of the recipe (checked before anything runs, dry run included)."""
+    bad = sorted(set(redo) - set(recipe.stages))
+    if bad:
+        raise VitditError(
+            f"--redo {','.join(bad)}: not a stage of {recipe.source} ({', '.join(recipe.stages)})"
+        )
+
+
 def run_pipeline(
     recipe: Recipe,
     runner: Runner,
@@ -491,11 +500,7 @@ def run_pipeline(
     overwrites). Each of ``reporters`` hears of every stage as it starts and ends. Returns one
     result per stage; the first failed stage is the place a re-run resumes.
     """
-    bad = sorted(set(redo) - set(recipe.stages))
-    if bad:
-        raise VitditError(
-            f"--redo {','.join(bad)}: not a stage of {recipe.source} ({', '.join(recipe.stages)})"
-        )
+    check_redo(recipe, redo)
     results: list[StageResult] = []
     failed = False
     steps = plan(recipe)
@@ -549,6 +554,7 @@ def run_recipe(
     from pipelines.progress import ConsoleReporter, format_seconds
     from pipelines.tracking import PipelineRun, resolve_tracking_uri
 
+    check_redo(recipe, redo)
     if dry_run:
         for stage, argv, complete in plan(recipe, strict=False):
             state = {True: "complete, skip", False: "to run", None: "output unreachable"}[complete]

@@ -49,3 +49,18 @@ def test_interrupt_prints_the_command_that_resumes(capsys, monkeypatch):
 def test_resume_command_never_fails(monkeypatch, argv):
     monkeypatch.setattr(sys, "argv", argv)
     assert isinstance(resume_command(), str)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_redo_of_a_stage_the_recipe_lacks_is_refused_before_anything_runs(tmp_path, capsys, dry_run):
+    from jobs.pipeline import main as pipeline
+    from jobs.quickstart import main as quickstart
+
+    flags = ["--dry-run"] if dry_run else []
+    assert quickstart(["--workdir", str(tmp_path / "qs"), "--redo", "bogus", *flags]) == 2
+    assert "--redo bogus: not a stage" in capsys.readouterr().err
+    assert not (tmp_path / "qs" / "data").exists()  # nothing ran
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nworkdir: {tmp_path / 'w'}\nresolution: 16\nstages: {{data: {{}}}}\n")
+    assert pipeline([str(recipe), "--redo", "dit", *flags]) == 2
+    assert "--redo dit: not a stage" in capsys.readouterr().err
