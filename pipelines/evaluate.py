@@ -76,6 +76,14 @@ class EvalConfig:
         default=None, metadata={"help": "MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"}
     )
     experiment: str = dataclasses.field(default="vitdit-eval", metadata={"help": "MLflow experiment"})
+    numbers: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "samples of two-digit numbers (`vitdit data numbers`, prompts in words): the "
+            "digits classifier reads each sample's tens and units, scored against its prompt, for seen "
+            "and held-out numbers (held-out: the reference's ../numbers.json)"
+        },
+    )
 
 
 def file_sha256(path: str) -> str:
@@ -186,6 +194,32 @@ def metric_suite(
     return out
 
 
+def number_metrics(
+    extractor: Extractor, images: np.ndarray, labels: np.ndarray, prompts: list[str], reference: str
+) -> dict[str, float]:
+    """Number accuracy of text-to-image samples of `vitdit data numbers`: the classifier (a digits
+    ViT) reads the two glyphs of each sample; the target is the number its prompt names."""
+    from vitdit import numbers
+
+    if not prompts:
+        raise VitditError("--numbers: the samples have no prompts (sample an MM-DiT with --prompt)")
+    names = extractor.class_names
+    if sorted(names) != [str(d) for d in range(10)]:
+        raise VitditError(f"--numbers: the classifier's classes {names} are not the digits 0-9")
+    order = [names.index(str(d)) for d in range(10)]  # logits column of digit d
+    target = np.array([numbers.number_from_words(prompts[int(y)]) for y in labels], dtype=np.int64)
+    manifest = os.path.join(os.path.dirname(os.path.abspath(reference.rstrip("/"))), numbers.MANIFEST)
+    held_out = numbers.HELD_OUT
+    recorded = storage.read_json(manifest)
+    if recorded:
+        held_out = tuple(recorded.get("held_out", held_out))
+    predicted = numbers.read_numbers(
+        lambda crops: extractor(crops)[1][:, order], images, extractor.image_size
+    )
+    scores = numbers.number_accuracy(predicted, target, held_out)
+    return {k: float(v) for k, v in scores.items() if not (isinstance(v, float) and np.isnan(v))}
+
+
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.samples``; writes the JSON report, logs to MLflow; returns the report."""
     for flag in ("samples", "reference", "classifier"):
@@ -199,6 +233,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     real = extractor(ref_images, cfg.batch_size)
     sample_labels = extractor.map_labels(labels, sampling.get("class_names"))
     results = {f"eval/{k}": v for k, v in metric_suite(extractor, real, images, sample_labels, cfg.kid_subsets, cfg.batch_size).items()}  # fmt: skip
+    if cfg.numbers:
+        scores = number_metrics(extractor, images, labels, sampling.get("prompts") or [], cfg.reference)
+        results.update({f"eval/numbers/{k}": v for k, v in scores.items()})
     ref_mapped = extractor.map_labels(ref_labels, ref_classes)
     acc, _ = metrics.classification_accuracy(real[1][ref_mapped >= 0], ref_mapped[ref_mapped >= 0])
     results["eval/reference/accuracy"] = acc

@@ -248,3 +248,31 @@ def test_cli_writes_the_set_and_refuses_bad_input(tmp_path):
         argv = ["data", "numbers", "--output", str(tmp_path / "m"), *flags]
         code, _, err = _cli(argv)
         assert code == 2 and err.startswith("error: " + message) and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluate_scores_numbers_against_their_prompts(small_set):
+    """`vitdit evaluate --numbers`: the target of each sample is the number its prompt names; the
+    classifier's logits are reordered by class name; held-out numbers come from numbers.json."""
+    from pipelines.evaluate import number_metrics
+
+    out, manifest = small_set
+    records = [r for r in manifest["images"] if r["path"].startswith("val/")][:12]
+    images = np.stack([_read_png(os.path.join(out, r["path"])) for r in records])
+    logits = _nearest_template_logits(16)
+    names = [str(d) for d in (3, 1, 4, 0, 5, 9, 2, 6, 8, 7)]  # a class order other than 0..9
+
+    class Extractor:  # what pipelines.evaluate.Extractor gives: (features, logits) in its class order
+        class_names, image_size = names, 16
+
+        def __call__(self, x):
+            return None, logits(x)[:, [int(n) for n in names]]
+
+    prompts = [r["caption"] for r in records]
+    labels = np.arange(len(records))
+    scores = number_metrics(Extractor(), images, labels, prompts, os.path.join(out, "val"))
+    assert scores["number"] == 1.0 and scores["count"] == len(records)
+    # Prompts naming other numbers: every read is then wrong.
+    wrong = [f"the number {number_words(99 if r['number'] != 99 else 98)}" for r in records]
+    assert number_metrics(Extractor(), images, labels, wrong, os.path.join(out, "val"))["number"] == 0.0
+    with pytest.raises(VitditError, match="no prompts"):
+        number_metrics(Extractor(), images, labels, [], os.path.join(out, "val"))
