@@ -237,8 +237,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         scores = number_metrics(extractor, images, labels, sampling.get("prompts") or [], cfg.reference)
         results.update({f"eval/numbers/{k}": v for k, v in scores.items()})
     ref_mapped = extractor.map_labels(ref_labels, ref_classes)
-    acc, _ = metrics.classification_accuracy(real[1][ref_mapped >= 0], ref_mapped[ref_mapped >= 0])
-    results["eval/reference/accuracy"] = acc
+    if (ref_mapped >= 0).any():  # a reference of other classes (numbers for a digits ViT) has none
+        acc, _ = metrics.classification_accuracy(real[1][ref_mapped >= 0], ref_mapped[ref_mapped >= 0])
+        results["eval/reference/accuracy"] = acc
 
     vae_name = cfg.vae or sampling.get("vae")
     if cfg.floor and vae_name:

@@ -160,7 +160,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>", base_dir: str | None = None
     for s in STAGES:  # every stage needs its inputs: from an earlier stage or from `inputs`
         if s.name in stages:
             for need in s.needs:
-                if need not in inputs and PRODUCER[need] not in stages:
+                if need not in inputs and not any(p in stages for p in PRODUCERS[need]):
                     raise VitditError(
                         f"{source}: stages.{s.name}: needs {need!r}: add stage {PRODUCER[need]!r} or inputs.{need}"
                     )
@@ -189,7 +189,13 @@ def _checkpoint(r: Recipe, stage: str) -> str:
 
 
 def _images(r: Recipe) -> str:
-    return r.inputs.get("images") or r.path("data")
+    """The images the generative stages learn from: given, or the numbers set, or the digits."""
+    return r.inputs.get("images") or (r.path("numbers") if "numbers" in r.stages else r.path("data"))
+
+
+def _classifier_images(r: Recipe) -> str:
+    """The classifier's images: with a numbers set, the digits it reads glyph by glyph."""
+    return r.path("data") if "numbers" in r.stages and "data" in r.stages else _images(r)
 
 
 def _vae(r: Recipe) -> str:
@@ -201,7 +207,7 @@ def _latents(r: Recipe) -> str:
 
 
 def _dit_checkpoint(r: Recipe) -> str:
-    return r.inputs.get("checkpoint") or _checkpoint(r, "dit")
+    return r.inputs.get("checkpoint") or _checkpoint(r, "mmdit" if "mmdit" in r.stages else "dit")
 
 
 def _classifier(r: Recipe) -> str:
@@ -209,7 +215,7 @@ def _classifier(r: Recipe) -> str:
 
 
 def _has(r: Recipe, need: str) -> bool:
-    return need in r.inputs or PRODUCER[need] in r.stages
+    return need in r.inputs or any(p in r.stages for p in PRODUCERS[need])
 
 
 def _marker(r: Recipe, stage: str) -> str:
@@ -244,6 +250,14 @@ STAGES: tuple[Stage, ...] = (
         marker=True,
     ),
     Stage(
+        "numbers",
+        "data_numbers",
+        "data numbers",
+        lambda r: {"output": r.path("numbers"), "resolution": r.resolution},
+        lambda r: storage.exists(_marker(r, "numbers")),
+        marker=True,
+    ),
+    Stage(
         "vae",
         "train_vae",
         "train vae",
@@ -269,7 +283,7 @@ STAGES: tuple[Stage, ...] = (
         "vit",
         "train_vit",
         "train vit",
-        lambda r: {"images": _images(r), "output": r.path("vit"), "resolution": r.resolution},
+        lambda r: {"images": _classifier_images(r), "output": r.path("vit"), "resolution": r.resolution},
         lambda r: storage.exists(_checkpoint(r, "vit") + "/model.safetensors"),
         needs=("images",),
         required_args=("steps",),
@@ -289,10 +303,31 @@ STAGES: tuple[Stage, ...] = (
         required_args=("steps",),
     ),
     Stage(
+        "mmdit",
+        "train_mmdit",
+        "train mmdit",
+        lambda r: {
+            "latents": _latents(r),
+            "output": r.path("mmdit"),
+            "vae": _vae(r) if _has(r, "vae") else None,
+        },
+        lambda r: storage.exists(_checkpoint(r, "mmdit") + "/model.safetensors"),
+        needs=("latents",),
+        required_args=("steps",),
+    ),
+    Stage(
         "sample",
         "sample",
         "sample",
-        lambda r: {"checkpoint": _dit_checkpoint(r), "vae": _vae(r), "output": r.path("samples")},
+        lambda r: {
+            "checkpoint": _dit_checkpoint(r),
+            "vae": _vae(r),
+            "output": r.path("samples"),
+            # A text-to-image model of the numbers set samples every number from its words.
+            "prompts_file": r.path("numbers", "prompts.txt")
+            if {"numbers", "mmdit"} <= set(r.stages)
+            else None,
+        },
         lambda r: storage.exists(r.path("samples", "samples.npz")),
         needs=("checkpoint", "vae"),
     ),
@@ -305,6 +340,7 @@ STAGES: tuple[Stage, ...] = (
             "reference": _images(r) + "/val",
             "classifier": _classifier(r),
             "report": r.path("eval", "report.json"),
+            "numbers": True if "numbers" in r.stages and "mmdit" in r.stages else None,
         },
         lambda r: storage.exists(r.path("eval", "report.json")),
         needs=("images", "classifier"),
@@ -312,8 +348,21 @@ STAGES: tuple[Stage, ...] = (
 )
 # Which stage produces each input when the recipe does not give it.
 PRODUCER = {"images": "data", "vae": "vae", "latents": "encode", "checkpoint": "dit", "classifier": "vit"}
+# Every stage that can produce each input (the first is the one an error message suggests).
+PRODUCERS = {
+    **{k: (v,) for k, v in PRODUCER.items()},
+    "images": ("data", "numbers"),
+    "checkpoint": ("dit", "mmdit"),
+}
 # A stand-in recipe to read the wiring flag names (every stage that needs `steps` has it).
-_WIRING_PROBE = Recipe("probe", "/probe", 8, {"vae": {}, "vit": {"steps": 1}, "dit": {"steps": 1}}, {}, None)
+_WIRING_PROBE = Recipe(
+    "probe",
+    "/probe",
+    8,
+    {"numbers": {}, "vae": {}, "vit": {"steps": 1}, "dit": {"steps": 1}, "mmdit": {"steps": 1}},
+    {},
+    None,
+)
 
 
 def to_flags(args: Mapping[str, Any]) -> list[str]:

@@ -63,6 +63,7 @@ DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
 MANIFEST = "numbers.json"
+PROMPTS = "prompts.txt"  # one prompt per number 10..99 in order (its canonical words): what to sample
 MIN_RESOLUTION = 16  # two glyphs of at least the digits' native 8 px side by side
 
 _UNITS = ("", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -242,6 +243,8 @@ def export_numbers(
                     }
                 )
             written[split] += counts[split]
+    prompts = "".join(number_words(n) + "\n" for n in NUMBERS)
+    _write_atomic(os.path.join(output, PROMPTS), prompts.encode("utf-8"))
     manifest = {**settings, "counts": written, "images": records}
     _write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     return written

@@ -276,3 +276,13 @@ def test_evaluate_scores_numbers_against_their_prompts(small_set):
     assert number_metrics(Extractor(), images, labels, wrong, os.path.join(out, "val"))["number"] == 0.0
     with pytest.raises(VitditError, match="no prompts"):
         number_metrics(Extractor(), images, labels, [], os.path.join(out, "val"))
+
+
+def test_the_set_lists_every_number_as_a_prompt(small_set):
+    from vitdit.numbers import PROMPTS
+
+    out, _ = small_set
+    with open(os.path.join(out, PROMPTS), encoding="utf-8") as f:
+        prompts = f.read().splitlines()
+    assert prompts == [number_words(n) for n in NUMBERS]
+    assert [number_from_words(p) for p in prompts] == list(NUMBERS)
