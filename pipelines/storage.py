@@ -114,9 +114,16 @@ def read_json(path: str) -> dict[str, Any] | None:
 
 
 def copy_dir(src: str, dst: str) -> None:
-    """Copy a directory tree between any two of local paths and URIs (pyarrow's ``copy_files``)."""
+    """Copy a directory tree between any two of local paths and URIs (pyarrow's ``copy_files``),
+    creating ``dst`` first (a local destination must exist; object stores ignore it)."""
     import pyarrow.fs as pafs
 
+    local = _local(dst)
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
+    else:
+        fs, path = _filesystem(dst)
+        fs.create_dir(path, recursive=True)
     pafs.copy_files(src, dst)
 
 

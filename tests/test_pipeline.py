@@ -153,7 +153,7 @@ def test_wired_flags_exist_in_the_stage_jobs(tmp_path, module, capsys):
             for name, value in stage.wiring(r).items():
                 if value is not None:
                     assert f"--{name.replace('_', '-')}" in help_text, f"jobs.{module} has no --{name}"
-            for name in r.stages[stage.name]:
+            for name in r.stages.get(stage.name, {}):
                 assert f"--{name.replace('_', '-')}" in help_text, f"jobs.{module} has no --{name}"
 
 

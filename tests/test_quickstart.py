@@ -18,9 +18,13 @@ import pytest
 import yaml
 
 from pipelines import quickstart
-from pipelines.recipe import STAGES, parse_recipe
+from pipelines.recipe import STAGES as ALL_STAGES
+from pipelines.recipe import parse_recipe
 from vitdit.errors import VitditError
 from vitdit.memorization import memorization_report, nearest_distances, to_vectors
+
+# The digits quickstart runs every stage but the text-to-image ones (configs/numbers.yaml has those).
+STAGES = tuple(s for s in ALL_STAGES if s.name not in ("numbers", "mmdit"))
 
 # --- the memorisation check (no Ray) ---------------------------------------------------------------
 
@@ -68,7 +72,7 @@ def test_memorization_inputs_are_checked():
 def test_builtin_recipe_is_a_valid_pipeline_recipe(tmp_path, smoke):
     raw = quickstart.build_recipe(str(tmp_path), f"sqlite:///{tmp_path}/mlflow.db", smoke_test=smoke)
     recipe = parse_recipe(raw, source="quickstart")
-    assert list(recipe.stages) == [s.name for s in STAGES]  # every stage, in order
+    assert list(recipe.stages) == [s.name for s in STAGES]  # every digits stage, in order
     for stage in ("vae", "vit", "dit"):  # one worker with both cores each (the 2-worker path: test_train_*)
         assert (
             recipe.stages[stage].get("num_workers", 1) == 1 and recipe.stages[stage]["cpus_per_worker"] == 2
