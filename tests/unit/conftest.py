@@ -22,10 +22,16 @@ def mlflow_server():
 
 @pytest.fixture(autouse=True)
 def _no_ray_started():
-    """Fail a unit test that starts Ray itself (ray.init, or a Ray Data execution)."""
-    yield
+    """Fail a unit test that starts Ray itself (ray.init, or a Ray Data execution). In a run of the
+    whole suite in one process an integration test may have started Ray before: only a start during
+    this test counts."""
     import sys
 
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    def ray_up() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = ray_up()
+    yield
+    if not before and ray_up():
         pytest.fail("a unit test started Ray: move it to tests/ (the integration tier)")
