@@ -38,7 +38,7 @@ from pipelines.train.latent_grid import LatentGridMixin
 from pipelines.train.loop import TrainTask
 from vitdit.diffusion.flow import T_SAMPLINGS, WEIGHTINGS
 from vitdit.errors import VitditError
-from vitdit.latents import FLIP_COLUMNS, ID, LABEL, MEAN, MEAN_FLIP, STD, STD_FLIP
+from vitdit.latents import FLIP_COLUMNS, ID, LABEL, MEAN, STD
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +204,7 @@ class DiTTask(LatentGridMixin, TrainTask):
             "model_config": dataclasses.asdict(self.model_cfg),
             "class_names": list(m.class_names),
             "diffusion": self.objective_config(),
-            "dataset": {
-                "uri": self.args.latents,
-                "fingerprint": m.source_fingerprint,
-                "num_rows": m.num_rows,
-                "resolution": m.resolution,
-                "latent_shape": list(m.latent_shape),
-                "flips": m.flips,
-            },
+            "dataset": self.dataset_record(),
             "vae": dataclasses.asdict(m.vae),
         }
 
@@ -247,17 +240,8 @@ class DiTTask(LatentGridMixin, TrainTask):
         self, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample scaled latents x0 = (mean + std·ε - shift)·scale (random flip when stored)."""
-        from vitdit.vae import scale_latents
-
-        mean, std = batch[MEAN].float(), batch[STD].float()
-        if self.manifest.flips and MEAN_FLIP in batch:
-            flip = torch.rand(mean.shape[0], generator=generator, device=mean.device) < 0.5
-            flip = flip.view(-1, 1, 1, 1)  # B, 1, 1, 1
-            mean = torch.where(flip, batch[MEAN_FLIP].float(), mean)
-            std = torch.where(flip, batch[STD_FLIP].float(), std)
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        x0 = scale_latents(mean + std * eps, self.manifest.vae)
-        labels = batch[LABEL].long().to(mean.device)
+        x0 = self.sample_x0(batch, generator)
+        labels = batch[LABEL].long().to(x0.device)
         null = self.model_cfg.num_classes
         labels = torch.where((labels < 0) | (labels >= null), torch.full_like(labels, null), labels)
         return x0, labels

@@ -33,7 +33,7 @@ import torch.nn as nn
 from pipelines.train.latent_grid import LatentGridMixin
 from pipelines.train.loop import TrainTask
 from vitdit.errors import VitditError
-from vitdit.latents import CAPTION, FLIP_COLUMNS, ID, MEAN, MEAN_FLIP, POOLED_EMB, STD, STD_FLIP, TEXT_EMB
+from vitdit.latents import CAPTION, FLIP_COLUMNS, ID, MEAN, POOLED_EMB, STD, TEXT_EMB
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +283,7 @@ class MMDiTTask(LatentGridMixin, TrainTask):
             "text": self._text_record(),
             "caption_dropout_prob": self.args.caption_dropout_prob,
             "grid_prompts": list(self.grid_prompts),
-            "dataset": {
-                "uri": self.args.latents,
-                "fingerprint": m.source_fingerprint,
-                "num_rows": m.num_rows,
-                "resolution": m.resolution,
-                "latent_shape": list(m.latent_shape),
-                "flips": m.flips,
-            },
+            "dataset": self.dataset_record(),
             "vae": dataclasses.asdict(m.vae),
         }
 
@@ -339,17 +332,9 @@ class MMDiTTask(LatentGridMixin, TrainTask):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """x0 = (mean + std·ε − shift)·scale (random flip when stored), and the text condition with
         each sample's caption replaced by the empty one with probability ``dropout``."""
-        from vitdit.vae import scale_latents
 
-        mean, std = batch[MEAN].float(), batch[STD].float()
-        device = mean.device
-        if self.manifest.flips and MEAN_FLIP in batch:
-            flip = torch.rand(mean.shape[0], generator=generator, device=device) < 0.5
-            flip = flip.view(-1, 1, 1, 1)  # B, 1, 1, 1
-            mean = torch.where(flip, batch[MEAN_FLIP].float(), mean)
-            std = torch.where(flip, batch[STD_FLIP].float(), std)
-        eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-        x0 = scale_latents(mean + std * eps, self.manifest.vae)
+        x0 = self.sample_x0(batch, generator)
+        device = x0.device
         if self.own_tower:
             from vitdit.captions import INPUT_IDS
 
