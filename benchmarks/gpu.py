@@ -714,6 +714,14 @@ def main(argv: list[str] | None = None) -> int:
              "matmul_fp32": measure_matmul(device, torch.float32, mm_n)}  # fmt: skip
     result["peaks_flops"] = peaks
     print(json.dumps({"progress": {"peaks": peaks, "device": name}}), flush=True)
+    out = args.json_out or (
+        os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None
+    )
+
+    def save() -> None:  # after every part: a run cut short by its time limit keeps what it measured
+        if out:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=2)
 
     if "dit" not in skip:
         grid = settings_grid("vitdit", "diffusers", ["bf16"], compile_opts, ["sdpa"])
@@ -722,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         dit_rows = bench_dit(dit_name, args.dit_batch, device, grid, args.warmup, args.iters)
         add_mfu(dit_rows, peaks)
         result["dit"] = {"rows": dit_rows, "ratios": ratios(dit_rows, "vitdit", "diffusers")}
+        save()
     if "vit" not in skip:
         grid = settings_grid("vitdit", "transformers", ["bf16"], compile_opts, ["sdpa"])
         for g in grid:
@@ -730,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         add_mfu(vit_rows, peaks)
         result["vit"] = {"rows": vit_rows, "ratios": ratios(vit_rows, "vitdit", "transformers"),
                          "transformers_available": transformers_available()}  # fmt: skip
+        save()
     if "mmdit" not in skip:
         grid = settings_grid("vitdit", "diffusers", ["bf16"], compile_opts, ["sdpa"])
         for g in grid:
@@ -738,15 +748,12 @@ def main(argv: list[str] | None = None) -> int:
                                  input_size=args.mmdit_size)  # fmt: skip
         add_mfu(mmdit_rows, peaks)
         result["mmdit"] = {"rows": mmdit_rows, "ratios": ratios(mmdit_rows, "vitdit", "diffusers")}
+        save()
     if "vae" not in skip:
         result["vae_encode"] = bench_vae_encode(device, args.vae_batch, vae_res, args.smoke, args.iters)
+        save()
 
-    out = args.json_out or (
-        os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None
-    )
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+    save()
     print(json.dumps(result), flush=True)
     return 0
 
