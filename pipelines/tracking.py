@@ -180,9 +180,9 @@ class PipelineRun:
         self._guard("log metrics", self.client.log_batch, self.run_id, metrics=metrics)
         cpu = str(machine.get("cpu_model"))[:500]
         self._guard("set tag", self.client.set_tag, self.run_id, "cpu_model", cpu)
-        for key in ("grid", "memorization_report", "eval_report"):
-            path = summary["artifacts"][key]
-            if os.path.exists(path):
+        for key in ("grid", "held_out_grid", "memorization_report", "eval_report"):
+            path = summary["artifacts"].get(key)
+            if path and os.path.exists(path):
                 self._guard("log artifact", self.client.log_artifact, self.run_id, path)
         self._guard("log artifact", self.client.log_artifact, self.run_id, summary_path)
 

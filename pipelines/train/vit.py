@@ -137,7 +137,10 @@ def preprocessed_splits(
     datasets = {"train": _preprocessed(train, resolution)}
     if val_uri:
         val_source = read_image_source(val_uri)
-        if source.class_names and val_source.class_names and val_source.class_names != source.class_names:
+        # A classifier's val classes must be its training classes; an autoencoder ignores labels (the
+        # numbers set's val/ holds numbers that train/ holds out).
+        differ = source.class_names and val_source.class_names and val_source.class_names != source.class_names
+        if require_labels and differ:
             raise VitditError(
                 f"{val_uri}: classes {val_source.class_names} differ from the training classes {source.class_names}"
             )
