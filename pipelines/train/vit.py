@@ -139,7 +139,9 @@ def preprocessed_splits(
         val_source = read_image_source(val_uri)
         # A classifier's val classes must be its training classes; an autoencoder ignores labels (the
         # numbers set's val/ holds numbers that train/ holds out).
-        differ = source.class_names and val_source.class_names and val_source.class_names != source.class_names
+        differ = (
+            source.class_names and val_source.class_names and val_source.class_names != source.class_names
+        )
         if require_labels and differ:
             raise VitditError(
                 f"{val_uri}: classes {val_source.class_names} differ from the training classes {source.class_names}"
