@@ -29,11 +29,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     cfg = dataclass_from_args(DigitsConfig, parser.parse_args(argv))
 
     def body() -> int:
+        from pipelines import storage
         from vitdit.digits import export_digits
         from vitdit.errors import VitditError
 
         try:
-            counts = export_digits(cfg.output, resolution=cfg.resolution)
+            if storage.is_uri(cfg.output) and not cfg.output.startswith("file://"):
+                # Object storage: write the tree locally, then upload it (one put per file).
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="vitdit-digits-") as tmp:
+                    counts = export_digits(tmp, resolution=cfg.resolution)
+                    storage.copy_dir(tmp, cfg.output)
+            else:
+                counts = export_digits(cfg.output.removeprefix("file://"), resolution=cfg.resolution)
         except ValueError as e:
             raise VitditError(f"--resolution {cfg.resolution}: {e}") from e
         except OSError as e:

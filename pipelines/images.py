@@ -121,28 +121,33 @@ class ImageSource:
 
 
 def filesystem_for(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/key."""
-    if "://" not in uri:
-        uri = os.path.abspath(os.path.expanduser(uri))
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise VitditError(f"{uri}: cannot open this location ({e})") from e
+    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/key.
+
+    One place resolves every filesystem (``storage.filesystem``): S3 there gets bounded timeouts
+    and the endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (docs/object-storage.md).
+    """
+    return storage.filesystem(uri)
 
 
-def _info(fs, path: str):
+def _info(fs, path: str, uri: str | None = None):
     try:
         return fs.get_file_info(path)
     except OSError as e:
-        raise VitditError(f"{path}: cannot read ({e})") from e
+        raise VitditError(f"{uri or path}: cannot read ({storage.storage_error(e)})") from e
+
+
+def _not_found(fs, path: str, uri: str) -> VitditError:
+    """The error for a missing input: a missing bucket says so (pyarrow reports it as NotFound)."""
+    storage.check_bucket(fs, path, uri)
+    return VitditError(f"{uri}: no such file or directory")
 
 
 def resolve_splits(root_uri: str) -> tuple[str, str | None]:
     """``(<root>/train, <root>/val)`` when ``<root>/train`` exists (val only if it exists too),
     else ``(root, None)``: every stage trains on train/ and validates on val/ (docs/design.md)."""
     fs, path = filesystem_for(root_uri)
-    if _info(fs, path).type == pafs.FileType.NotFound:
-        raise VitditError(f"{root_uri}: no such file or directory")
+    if _info(fs, path, root_uri).type == pafs.FileType.NotFound:
+        raise _not_found(fs, path, root_uri)
     base = root_uri.rstrip("/")
     if _info(fs, posixpath.join(path, "train")).type == pafs.FileType.Directory:
         has_val = _info(fs, posixpath.join(path, "val")).type == pafs.FileType.Directory
@@ -155,7 +160,7 @@ def _list_files(fs, path: str) -> list[pafs.FileInfo]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except OSError as e:
-        raise VitditError(f"{path}: cannot list ({e})") from e
+        raise VitditError(f"{path}: cannot list ({storage.storage_error(e)})") from e
     out = []
     for i in infos:
         rel = posixpath.relpath(i.path, path)
@@ -403,9 +408,9 @@ def read_image_source(
     if part_size < 1:
         raise VitditError(f"--part-size {part_size}: must be at least 1")
     fs, path = filesystem_for(uri)
-    info = _info(fs, path)
+    info = _info(fs, path, uri)
     if info.type == pafs.FileType.NotFound:
-        raise VitditError(f"{uri}: no such file or directory")
+        raise _not_found(fs, path, uri)
     if info.type == pafs.FileType.File:
         root, files = posixpath.dirname(path), [info]
     else:
