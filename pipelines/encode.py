@@ -41,6 +41,7 @@ import ray
 import torch
 
 import vitdit
+from pipelines import storage
 from pipelines.images import (
     CHUNK,
     ERROR,
@@ -233,7 +234,8 @@ class EncodeLatents:
     ):
         self.threads = set_torch_threads(num_threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.vae = load_vae(vae, device=self.device, revision=revision)
+        # A VAE on object storage is downloaded once per node (storage.local_dir's cache).
+        self.vae = load_vae(storage.local_dir(vae), device=self.device, revision=revision)
         self.autocast = precision != "fp32"
         self.amp_dtype = _TORCH_DTYPES[precision]
         self.storage = np.dtype(storage_dtype)
@@ -613,8 +615,11 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
     )
     # Checked (and its weights hashed) before any work: a bad path fails in one line, not in an actor.
     text = describe_text_encoder(cfg.text_encoder, cfg.text_max_length) if cfg.text_encoder else None
-    vae = load_vae(cfg.vae, revision=cfg.vae_revision)
-    identity = vae_identity(vae, cfg.vae, cfg.vae_revision)
+    local_vae = storage.local_dir(cfg.vae) if storage.is_uri(cfg.vae) else cfg.vae
+    vae = load_vae(local_vae, revision=cfg.vae_revision)
+    identity = vae_identity(vae, local_vae, cfg.vae_revision)
+    if local_vae != cfg.vae:  # the manifest names the VAE where everyone can find it, not this cache
+        identity = dataclasses.replace(identity, name_or_path=cfg.vae)
     shape = latent_shape(vae, cfg.resolution)
     del vae
     if cfg.precision == "fp16" and cfg.num_gpus_per_actor == 0:

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import posixpath
 import time
 from typing import Any
 
@@ -226,6 +227,10 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         if not getattr(cfg, flag):
             raise VitditError(f"--{flag} is required")
     t0 = time.time()
+    # Inputs on object storage are read from a per-node download (storage.local_dir's cache); the
+    # report names them by their URIs.
+    remote = {f: getattr(cfg, f) for f in ("samples", "reference", "classifier") if _remote(getattr(cfg, f))}
+    cfg = dataclasses.replace(cfg, **{f: storage.local_dir(uri) for f, uri in remote.items()})
     images, labels = layout.read_samples(cfg.samples)
     sampling = layout.read_config(cfg.samples)
     extractor = Extractor(cfg.classifier)
@@ -246,7 +251,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         from vitdit.preprocess import to_unit_range
         from vitdit.vae import decode_latents, encode_posterior, load_vae, scale_latents
 
-        vae = load_vae(vae_name)
+        vae = load_vae(storage.local_dir(vae_name) if _remote(vae_name) else vae_name)
         recon = []
         for i in range(0, len(ref_images), cfg.batch_size):
             x = torch.from_numpy(to_unit_range(ref_images[i : i + cfg.batch_size]))
@@ -267,9 +272,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
 
     step = cfg.step if cfg.step is not None else sampling.get("step")
     report = {
-        "samples": os.path.abspath(cfg.samples),
+        "samples": remote.get("samples") or os.path.abspath(cfg.samples),
         "num_samples": int(len(images)),
-        "reference": cfg.reference,
+        "reference": remote.get("reference") or cfg.reference,
         "num_reference": int(len(ref_images)),
         "checkpoint": sampling.get("checkpoint"),
         "step": step,
@@ -279,12 +284,16 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         "metrics": results,
         "seconds": time.time() - t0,
     }
-    report_path = cfg.report or os.path.join(cfg.samples, "evaluation.json")
+    report_path = cfg.report or storage.join(remote.get("samples") or cfg.samples, "evaluation.json")
     storage.write_json(report_path, report)  # atomic: a reader never sees half a report
     report["report_path"] = report_path
     if cfg.mlflow:
         report["mlflow_run_id"] = log_evaluation(cfg, report, sampling)
     return report
+
+
+def _remote(path: str | None) -> bool:
+    return bool(path) and storage.is_uri(path) and not path.startswith("file://")
 
 
 def log_evaluation(cfg: EvalConfig, report: dict[str, Any], sampling: dict[str, Any]) -> str | None:
@@ -322,7 +331,13 @@ def log_evaluation(cfg: EvalConfig, report: dict[str, Any], sampling: dict[str, 
             tags["vitdit.eval.inception_sha256"] = report["inception_weights_sha256"]
         for k, v in tags.items():
             client.set_tag(run_id, k, v)
-        client.log_artifact(run_id, report["report_path"], "evaluation")
+        if _remote(report["report_path"]):  # a report on object storage: log its contents
+            name = posixpath.basename(report["report_path"])
+            client.log_dict(
+                run_id, {k: v for k, v in report.items() if k != "report_path"}, f"evaluation/{name}"
+            )
+        else:
+            client.log_artifact(run_id, report["report_path"], "evaluation")
         grid = os.path.join(cfg.samples, layout.GRID_NAME)
         if os.path.exists(grid):
             client.log_artifact(run_id, grid, "evaluation")

@@ -21,12 +21,14 @@ import inspect
 import logging
 import math
 import os
+import posixpath
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipelines import storage
 from vitdit import samples as layout
 from vitdit.dit_release import checkpoint_info, infer_release_config, load_dit  # noqa: F401 - re-exported
 from vitdit.errors import VitditError
@@ -170,10 +172,12 @@ class SampleGenerator:
         self.cfg = SampleConfig(**config)
         self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
         self.classes = list(classes)
-        self.model = load_dit(self.cfg.checkpoint, use_ema=self.cfg.ema).to(self.device)
-        self.vae = load_vae(vae_name, device=self.device)
+        # Checkpoint and VAE may be URIs: each node downloads them once (storage.local_dir's cache).
+        checkpoint = storage.local_dir(self.cfg.checkpoint)
+        self.model = load_dit(checkpoint, use_ema=self.cfg.ema).to(self.device)
+        self.vae = load_vae(_local_model(vae_name), device=self.device)
         self.vae_factors = vae_factors
-        info = checkpoint_info(self.cfg.checkpoint)
+        info = checkpoint_info(checkpoint)
         self.sampler = _resolve_sampler(self.cfg, info)
         diff = dict(info["diffusion"])
         # A flow-trained DiT: Euler on its velocity, its timestep embedding fed scale·t (the trainer's).
@@ -273,6 +277,7 @@ def _checkpoint_info(checkpoint: str) -> dict[str, Any]:
     from vitdit.checkpoint import read_config, resolve_checkpoint_dir
     from vitdit.dit_release import is_release_file
 
+    checkpoint = storage.local_dir(checkpoint) if storage.is_uri(checkpoint) else checkpoint
     if not is_release_file(checkpoint) and os.path.isdir(checkpoint):
         path = resolve_checkpoint_dir(checkpoint)
         config = read_config(path)
@@ -305,6 +310,8 @@ def resolve_sampling(cfg: SampleConfig) -> tuple[dict[str, Any], dict[str, Any],
     if cfg.sampling_steps <= 0:
         raise VitditError(f"--sampling-steps {cfg.sampling_steps}: must be positive")
     info = _checkpoint_info(cfg.checkpoint)
+    if storage.is_uri(cfg.checkpoint):  # recorded where everyone finds it, not as this node's cache
+        info = {**info, "path": cfg.checkpoint}
     sampler = _resolve_sampler(cfg, info)
     prompts: list[str] = []
     text_encoder = None
@@ -389,8 +396,10 @@ def run_sampling(cfg: SampleConfig) -> SampleResult:
     from pipelines.runtime import init_ray
 
     t0 = time.time()
+    if storage.is_uri(cfg.output) and not cfg.output.startswith("file://"):
+        return _run_sampling_to_uri(cfg)
     info, resolved, classes = resolve_sampling(cfg)
-    output = os.path.abspath(cfg.output)
+    output = os.path.abspath(cfg.output.removeprefix("file://"))
     os.makedirs(output, exist_ok=True)
     _check_existing(output, resolved, cfg.overwrite)
 
@@ -398,8 +407,11 @@ def run_sampling(cfg: SampleConfig) -> SampleResult:
 
     # The scale factors come from the VAE's own config (never hard-coded); loading it on the driver
     # also fails fast on a bad --vae before any actor starts.
-    vae = load_vae(resolved["vae"])
-    identity = vae_identity(vae, resolved["vae"])
+    local_vae = _local_model(resolved["vae"])
+    vae = load_vae(local_vae)
+    identity = vae_identity(vae, local_vae)
+    if local_vae != resolved["vae"]:
+        identity = dataclasses.replace(identity, name_or_path=resolved["vae"])
     if info["vae"] and cfg.vae and info["vae"].get("sha256") and identity.sha256 != info["vae"].get("sha256"):
         log.warning(
             "--vae %s differs from the VAE the checkpoint was trained with (%s)", cfg.vae, info["vae"]
@@ -471,8 +483,40 @@ def run_sampling(cfg: SampleConfig) -> SampleResult:
     return SampleResult(output, cfg.num_samples, generated, seconds, run_id, resolved)
 
 
-def log_sampling(cfg: SampleConfig, resolved: dict[str, Any], output: str, seconds: float) -> str | None:
-    """Grid + sampling config to MLflow, tagged with the training run; returns the run id."""
+def _local_model(name: str) -> str:
+    """A VAE named by URI as a local directory (downloaded once per node); hub names and local paths as they are."""
+    return storage.local_dir(name) if storage.is_uri(name) and not name.startswith("file://") else name
+
+
+def _run_sampling_to_uri(cfg: SampleConfig) -> SampleResult:
+    """Sampling into object storage: into a local staging directory, then uploaded.
+
+    The staging directory is keyed by the output URI and first receives what the URI already holds,
+    so a re-run after a crash resumes from the samples that were uploaded (the upload happens once,
+    at the end: a run killed before it starts over). The MLflow run records the URI.
+    """
+    import hashlib
+    import tempfile
+
+    stage = os.path.join(
+        tempfile.gettempdir(), "vitdit-staging", hashlib.sha256(cfg.output.encode()).hexdigest()[:20]
+    )
+    os.makedirs(stage, exist_ok=True)
+    if storage.exists(cfg.output):
+        storage.copy_dir(cfg.output, stage)
+    result = run_sampling(dataclasses.replace(cfg, output=stage, mlflow=False))
+    storage.copy_dir(stage, cfg.output)
+    run_id = log_sampling(cfg, result.config, stage, result.seconds, where=cfg.output) if cfg.mlflow else None
+    return dataclasses.replace(result, output=cfg.output, mlflow_run_id=run_id)
+
+
+def log_sampling(
+    cfg: SampleConfig, resolved: dict[str, Any], output: str, seconds: float, where: str | None = None
+) -> str | None:
+    """Grid + sampling config to MLflow, tagged with the training run; returns the run id.
+
+    ``output`` is the local directory holding them; ``where`` the URI they were uploaded to, if any."""
+    where = where or output
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -488,11 +532,13 @@ def log_sampling(cfg: SampleConfig, resolved: dict[str, Any], output: str, secon
         else:
             exp = client.get_experiment_by_name(cfg.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
-            run_id = client.create_run(exp_id, run_name=f"sample-{os.path.basename(output)}").info.run_id
+            run_id = client.create_run(
+                exp_id, run_name=f"sample-{posixpath.basename(where.rstrip('/'))}"
+            ).info.run_id
         tags = {
             "vitdit.kind": "sample",
             "vitdit.checkpoint": resolved["checkpoint"],
-            "vitdit.samples": output,
+            "vitdit.samples": where,
         }
         if training.get("run_id"):
             tags["vitdit.training_run_id"] = training["run_id"]

@@ -219,6 +219,55 @@ def read_json(path: str) -> dict[str, Any] | None:
     return value
 
 
+def local_dir(path: str) -> str:
+    """A local directory with the contents of ``path``: ``path`` itself when it is local, else a
+    download of the remote directory (a diffusers model on ``s3://``...) into a cache shared by the
+    processes of this machine.
+
+    The cache key is the URI and its listing (names, sizes, modification times), so a directory
+    rewritten in place is fetched again. The copy is made under a temporary name and renamed into
+    place: concurrent actors on one node never see half a model.
+    """
+    local = _local(path)
+    if local is not None:
+        return local
+    import hashlib
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as e:
+        check_bucket(fs, root, path)
+        raise VitditError(f"{path}: cannot list ({storage_error(e)})") from e
+    files = sorted((i.path, i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+    if not files:
+        check_bucket(fs, root, path)
+        raise VitditError(f"{path}: no such directory (or it is empty)")
+    key = hashlib.sha256(json.dumps([path, files]).encode()).hexdigest()[:20]
+    cache = os.path.join(tempfile.gettempdir(), "vitdit-remote", key)
+    if os.path.isdir(cache):
+        return cache
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(tmp)
+        pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.rename(tmp, cache)
+        except OSError:  # another process got there first: its copy is the same
+            if not os.path.isdir(cache):
+                raise
+    except OSError as e:
+        raise VitditError(f"{path}: cannot download ({storage_error(e)})") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
 def copy_dir(src: str, dst: str) -> None:
     """Copy a directory tree between any two of local paths and URIs (pyarrow's ``copy_files``),
     creating ``dst`` first (a local destination must exist; object stores ignore it)."""
