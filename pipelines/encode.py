@@ -32,6 +32,7 @@ import logging
 import posixpath
 import time
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Per-row flag from the actors to the driver (counted, not stored): the caption was cut to L tokens.
 TRUNCATED = "text_truncated"
+# Per-row Ray node id of the actor that encoded it (not stored in the parts; each chunk's marker
+# lists its nodes, which shows where the work ran on a cluster).
+NODE = "encoded_on"
 
 
 @dataclasses.dataclass
@@ -146,6 +150,13 @@ class EncodeConfig:
     )
     overwrite: bool = dataclasses.field(
         default=False, metadata={"help": "replace an existing output made with other settings"}
+    )
+    max_failures: int = dataclasses.field(
+        default=3,
+        metadata={
+            "help": "times a lost encoder actor or node restarts the stream from the unfinished parts "
+            "(finished parts are kept) before the job fails"
+        },
     )
 
 
@@ -233,6 +244,7 @@ class EncodeLatents:
         text_batch_size: int | None = None,
     ):
         self.threads = set_torch_threads(num_threads)
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         # A VAE on object storage is downloaded once per node (storage.local_dir's cache).
         self.vae = load_vae(storage.local_dir(vae), device=self.device, revision=revision)
@@ -276,7 +288,7 @@ class EncodeLatents:
             if flips:
                 outs[L.MEAN_FLIP][good], outs[L.STD_FLIP][good] = mean[k:], std[k:]
         passthrough = {c: batch[c] for c in batch if c not in (IMAGE, IMAGE_FLIP)}
-        out = {**passthrough, **outs}
+        out = {**passthrough, **outs, NODE: np.full(n, self.node_id, dtype=object)}
         return self.text(out) if self.text is not None else out
 
 
@@ -466,6 +478,8 @@ def _validate(cfg: EncodeConfig) -> None:
         raise VitditError(
             f"--storage-dtype {cfg.storage_dtype!r}: choose one of {', '.join(L.STORAGE_DTYPES)}"
         )
+    if cfg.max_failures < 0:
+        raise VitditError(f"--max-failures {cfg.max_failures}: must be 0 or more")
     if cfg.num_actors is not None and cfg.num_actors < 1:
         raise VitditError(f"--num-actors {cfg.num_actors}: must be at least 1")
     if cfg.text_batch_size is not None and cfg.text_batch_size < 1:
@@ -481,6 +495,15 @@ def build_dataset(
     ds = source.dataset_for(chunks, captions=True)
     # A plain callable instance runs as tasks, fused with the read: bytes never cross the object store.
     ds = ds.map_batches(Preprocess(cfg.resolution, flip=cfg.flip), batch_size=cfg.batch_size)
+    # Ray 2.60 has no named map_batches parameter for scheduling_strategy / max_restarts; its
+    # **ray_remote_args path works and warns that it goes in Ray 2.64 (pyproject allows <3: this
+    # is what to move when Ray names them).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        return _encoder_stage(ds, cfg, num_actors, gpus, cpus)
+
+
+def _encoder_stage(ds: ray.data.Dataset, cfg: EncodeConfig, num_actors: int, gpus: float, cpus: float):
     return ds.map_batches(
         EncodeLatents,
         fn_constructor_kwargs={
@@ -498,6 +521,13 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_gpus=gpus,
         num_cpus=cpus,
+        # One actor per node first: Ray Data otherwise lets the scheduler pack them onto the
+        # driver's node while it has room (seen with 2 CPU-only nodes: both actors on the head).
+        scheduling_strategy="SPREAD",
+        # A lost actor fails the stream at once (the driver restarts it from the unfinished parts,
+        # see _encode_chunks). Ray Data's default, restarting the actor forever, hung on a small
+        # cluster that lost a node: the restarted actor waited for a CPU the read tasks held.
+        max_restarts=0,
     )
 
 
@@ -521,6 +551,7 @@ class _ChunkWriter:
         self.seen = {c.index: 0 for c in chunks}
         self.rows: dict[int, list[dict[str, np.ndarray]]] = {c.index: [] for c in chunks}
         self.bad: dict[int, list[tuple[str, str]]] = {c.index: [] for c in chunks}
+        self.nodes: dict[int, set[str]] = {c.index: set() for c in chunks}
         self.encoded = 0
         self.quarantined = 0
         self.done = 0
@@ -531,6 +562,7 @@ class _ChunkWriter:
             k = int(k)
             sel = chunk_col == k
             sub = {c: v[sel] for c, v in batch.items()}
+            self.nodes[k].update(str(n) for n in sub.get(NODE, ()) if n)
             bad = np.array([bool(e) for e in sub[ERROR]], dtype=bool)
             for i in np.flatnonzero(bad):
                 self.bad[k].append((str(sub[L.ID][i]), str(sub[ERROR][i])))
@@ -572,6 +604,7 @@ class _ChunkWriter:
             "captioned": captioned,
             "truncated": truncated,
             "quarantine": quarantine,
+            "nodes": sorted(self.nodes.pop(k)),
         }
         # The marker is written after the part: a chunk counts as finished only when both exist.
         self.out.write_atomic(marker_name(k), json.dumps(marker).encode())
@@ -594,6 +627,67 @@ def _write_empty_caption(out: _Output, cfg: EncodeConfig, text: dict, gpus: floa
         raise RuntimeError(f"empty caption encoded as {tokens.shape}, {pooled.shape}; expected {expect}")
     data = save({L.TEXT_EMB: np.ascontiguousarray(tokens), L.POOLED_EMB: np.ascontiguousarray(pooled)})
     out.write_atomic(L.EMPTY_CAPTION_NAME, data)
+
+
+_LOST = (
+    ray.exceptions.ActorDiedError,
+    ray.exceptions.ActorUnavailableError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OwnerDiedError,
+    ray.exceptions.WorkerCrashedError,
+)
+
+
+def _lost_worker(e: BaseException) -> bool:
+    """Whether an error from the stream (or one it wraps) is a lost actor, worker or node."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, _LOST):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _encode_chunks(
+    source, todo, out: _Output, cfg: EncodeConfig, text: bool, n_actors: int, gpus: float, cpus: float
+) -> None:
+    """Stream ``todo`` through the actor pool and write each finished chunk. When an actor or its
+    node is lost, start again from the chunks that have no marker yet (at most ``max_failures``
+    times), with as many actors as the cluster that is left can hold beside one reader."""
+    failures = 0
+    while todo:
+        ds = build_dataset(source, todo, cfg, n_actors, gpus, cpus)
+        writer = _ChunkWriter(out, todo, cfg.flip, text=text)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                writer.add(batch)
+        except Exception as e:
+            if not _lost_worker(e):
+                raise
+            failures += 1
+            left = [c for c in todo if not out.exists(marker_name(c.index))]
+            if failures > cfg.max_failures:
+                raise VitditError(
+                    f"encode: lost an encoder actor or node {failures} times (--max-failures "
+                    f"{cfg.max_failures}); {len(left)} parts unfinished in {out.uri}: run the same "
+                    "command again to finish them (finished parts are kept)"
+                ) from None
+            left_cpus = float(ray.cluster_resources().get("CPU", 1))
+            if gpus == 0 and n_actors * cpus > left_cpus - 1:
+                n_actors = max(1, int((left_cpus - 1) // cpus))
+            log.warning(
+                "encode: lost an encoder actor or node (%s); restarting from the %d unfinished parts "
+                "with %d actor(s) (failure %d of %d)",
+                type(e).__name__, len(left), n_actors, failures, cfg.max_failures,
+            )  # fmt: skip
+            todo = left
+            continue
+        unfinished = [k for k, c in writer.chunks.items() if writer.seen[k] != c.num_images]
+        if unfinished:
+            raise RuntimeError(f"parts {unfinished[:5]} did not receive all their rows")
+        return
 
 
 def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
@@ -665,13 +759,7 @@ def encode_dataset(cfg: EncodeConfig) -> dict[str, Any]:
             "encoding %d images in %d parts (%d already finished) with %d actor(s) × %g GPU / %g CPU",
             sum(c.num_images for c in todo), len(todo), resumed, n_actors, gpus, cpus,
         )  # fmt: skip
-        ds = build_dataset(source, todo, cfg, n_actors, gpus, cpus)
-        writer = _ChunkWriter(out, todo, cfg.flip, text=text is not None)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            writer.add(batch)
-        unfinished = [k for k, c in writer.chunks.items() if writer.seen[k] != c.num_images]
-        if unfinished:
-            raise RuntimeError(f"parts {unfinished[:5]} did not receive all their rows")
+        _encode_chunks(source, todo, out, cfg, text is not None, n_actors, gpus, cpus)
 
     markers = [out.read_json(marker_name(c.index)) for c in source.chunks]
     encoded = sum(m["num_rows"] for m in markers)

@@ -241,6 +241,7 @@ def _make_trainer(plan: WorkerPlan, datasets: dict[str, Any]):
             num_workers=cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            placement_strategy=cfg.placement.upper(),  # PACK (Ray's default) or SPREAD
         ),
         run_config=ray.train.RunConfig(
             name=f"{plan.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipelines.storage import is_uri
 from pipelines.train.sink import LastLogged
-from pipelines.train.task import PRECISIONS, TRAIN_LOG_NAME, TrainConfig, TrainTask
+from pipelines.train.task import PLACEMENTS, PRECISIONS, TRAIN_LOG_NAME, TrainConfig, TrainTask
 from vitdit.checkpoint import list_checkpoints
 from vitdit.errors import VitditError
 from vitdit.lr import SCHEDULES
@@ -47,6 +47,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise VitditError(f"--lr-schedule {cfg.lr_schedule!r}: expected one of {SCHEDULES}")
     if cfg.precision not in PRECISIONS:
         raise VitditError(f"--precision {cfg.precision!r}: expected one of {PRECISIONS}")
+    if cfg.placement not in PLACEMENTS:
+        raise VitditError(f"--placement {cfg.placement!r}: expected one of {PLACEMENTS}")
     if cfg.keep_checkpoints < 1:
         raise VitditError(
             f"--keep-checkpoints {cfg.keep_checkpoints}: must be >= 1 (restarts need the latest)"

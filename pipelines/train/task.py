@@ -15,6 +15,8 @@ from vitdit.errors import VitditError
 from vitdit.lr import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# Ray Train placement-group strategies (ScalingConfig(placement_strategy=...)), as --placement names.
+PLACEMENTS = ("pack", "spread")
 NONFINITE_MARKER = "nonfinite.json"  # rank 0's record of the step that stopped a run
 SUMMARY_NAME = "summary.json"  # finalize's summary
 TRAIN_LOG_NAME = "train_log.jsonl"  # rank 0's metrics, one JSON line per logged step
@@ -58,6 +60,14 @@ class TrainConfig:
     use_gpu: bool = dataclasses.field(default=False, metadata={"help": "one GPU per worker"})
     cpus_per_worker: float = dataclasses.field(
         default=1.0, metadata={"help": "CPUs per worker, also its torch threads"}
+    )
+    placement: str = dataclasses.field(
+        default="pack",
+        metadata={
+            "choices": list(PLACEMENTS),
+            "help": "pack: workers on as few nodes as fit (Ray Train's default, fastest all-reduce); "
+            "spread: one worker per node where possible (survives better the loss of one node)",
+        },
     )
     micro_batch_size: int | None = dataclasses.field(
         default=None,

@@ -1,0 +1,115 @@
+"""`vitdit encode` on two Ray nodes through the job API: its actors run on both nodes; a node
+SIGKILLed mid-encode loses nothing, and a re-run leaves each image exactly once.
+
+Budget: ~60 s of the default run (the two-node cluster's start-up, ~20 s, is shared with the other
+files of tests/cluster).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import io
+import json
+import os
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.submit import _client, submit, wait_for_job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.ray
+
+
+def encode_args(digits_root: str, vae: str, out: str, part_size: int = 50, resolution: int = 64) -> list[str]:
+    return [
+        "--input", os.path.join(digits_root, "train"), "--output", out, "--vae", vae,
+        "--resolution", str(resolution), "--part-size", str(part_size), "--batch-size", "16",
+        "--num-actors", "2", "--num-cpus-per-actor", "1",
+    ]  # fmt: skip
+
+
+def encoder_actor_nodes(address: str, submission_id: str) -> list[str | None]:
+    """Node ids of a job's Ray Data encoder actors (state API; None: it never became alive)."""
+    from ray.util.state import list_actors
+
+    job_id = _client(address).get_job_info(submission_id).job_id
+    actors = list_actors(address=address, filters=[("job_id", "=", job_id)], limit=1000,
+                         raise_on_missing_output=False, detail=True)  # fmt: skip
+    return [a.node_id for a in actors if "EncodeLatents" in a.class_name]
+
+
+def marker_nodes(out: str) -> set[str]:
+    """The nodes whose actors encoded rows, from every chunk's progress marker."""
+    nodes: set[str] = set()
+    for m in glob.glob(os.path.join(out, "_progress", "chunk-*.json")):
+        nodes.update(json.load(open(m))["nodes"])
+    return nodes
+
+
+def ids_in(out: str) -> collections.Counter:
+    ids: collections.Counter = collections.Counter()
+    for part in glob.glob(os.path.join(out, "part-*.parquet")):
+        ids.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
+    return ids
+
+
+def expected_ids(digits_root: str) -> set[str]:
+    train = os.path.join(digits_root, "train")
+    return {os.path.relpath(p, train) for p in glob.glob(os.path.join(train, "*", "*.png"))}
+
+
+def test_encode_spreads_its_actors_over_both_nodes(two_nodes, digits_root, tiny_vae_dir, tmp_path):
+    out = str(tmp_path / "latents")
+    log = io.StringIO()
+    outcome = submit(two_nodes.address, "encode_latents", encode_args(digits_root, tiny_vae_dir, out),
+                     working_dir=ROOT, out=log, timeout_s=300)  # fmt: skip
+    assert outcome.status == "SUCCEEDED", log.getvalue()[-3000:]
+    actors = encoder_actor_nodes(two_nodes.address, outcome.submission_id)
+    assert len(actors) == 2, actors
+    # Rows were encoded on both nodes (an actor still starting when the job ends has no node id
+    # in the state API, so the chunk markers are what is checked).
+    assert marker_nodes(out) == two_nodes.alive_node_ids(), (marker_nodes(out), actors)
+    ids = ids_in(out)
+    assert set(ids) == expected_ids(digits_root) and set(ids.values()) == {1}
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["num_rows"] == len(ids)
+
+
+def test_node_killed_mid_encode_then_a_rerun_has_each_id_exactly_once(
+    two_nodes, digits_root, tiny_vae_dir, tmp_path
+):
+    out = str(tmp_path / "latents")
+    args = encode_args(digits_root, tiny_vae_dir, out, part_size=20)
+    first = submit(two_nodes.address, "encode_latents", args, working_dir=ROOT, wait=False, out=None)
+    n_parts = -(-len(expected_ids(digits_root)) // 20)
+    deadline = time.time() + 180
+    progress = os.path.join(out, "_progress")
+    # Kill the worker node once a few parts are written and most are not.
+    while len(glob.glob(os.path.join(progress, "chunk-*.json"))) < 3:
+        assert time.time() < deadline, "encode wrote no part in 180 s"
+        time.sleep(0.1)
+    done_at_kill = len(glob.glob(os.path.join(progress, "chunk-*.json")))
+    assert done_at_kill < n_parts, "encode finished before the node could be killed"
+    dead_after = two_nodes.kill_worker(two_nodes.workers[-1])
+    log = io.StringIO()
+    outcome = wait_for_job(_client(two_nodes.address), first.submission_id, out=log, timeout_s=120)
+    print(f"killed the worker node after {done_at_kill}/{n_parts} parts; GCS marked it dead in "
+          f"{dead_after:.1f} s; the job {outcome.status}")  # fmt: skip
+    # The job goes on: the stream fails with the lost actor and the driver restarts it from the
+    # parts without a marker, on the node that is left (pipelines/encode.py: _encode_chunks).
+    assert outcome.status == "SUCCEEDED", log.getvalue()[-3000:]
+    assert "lost an encoder actor or node" in log.getvalue()
+    # A re-run of the same command finds everything finished and changes nothing.
+    rerun_log = io.StringIO()
+    again = submit(two_nodes.address, "encode_latents", args, working_dir=ROOT, out=rerun_log, timeout_s=300,
+                   submission_id=first.submission_id + "-rerun")  # fmt: skip
+    assert again.status == "SUCCEEDED", rerun_log.getvalue()[-3000:]
+    assert "(72 parts, 72 resumed" in rerun_log.getvalue() or "already complete" in rerun_log.getvalue()
+    ids = ids_in(out)
+    assert set(ids) == expected_ids(digits_root), "images lost"
+    assert set(ids.values()) == {1}, [i for i, c in ids.items() if c > 1][:5]
+    assert json.load(open(os.path.join(out, "manifest.json")))["num_rows"] == len(ids)
+    assert not glob.glob(os.path.join(out, "*.tmp-*"))

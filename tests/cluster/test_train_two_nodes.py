@@ -1,0 +1,124 @@
+"""`vitdit train dit --num-workers 2` on two Ray nodes through the job API.
+
+- ``--placement spread`` puts one worker on each node; ``pack`` (Ray Train's default) puts both on
+  one; the two runs end with the same weights and the same MLflow metrics (data-parallel
+  training does not depend on where its ranks run).
+- The worker node SIGKILLed after the first checkpoint: Ray Train (``FailureConfig(max_failures=1)``)
+  restarts the worker group from that checkpoint on the node that is left (the two 0.5-CPU workers
+  fit there), every step is done and no step reaches MLflow twice.
+
+Budget: ~70 s in the default run (the node-loss test); the placement comparison (two more fits) is
+``slow``, ~80 s.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import pytest
+import torch
+from _train_utils import read_train_log, write_digit_latents
+from safetensors.torch import load_file
+
+from pipelines.submit import _client, submit, wait_for_job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.ray
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_vae_dir, tmp_path_factory):
+    return write_digit_latents(str(tmp_path_factory.mktemp("latents") / "digits"), tiny_vae_dir)
+
+
+def train_args(
+    latents: str, out: str, mlflow: str, experiment: str, placement: str, cpus: float
+) -> list[str]:
+    return [
+        "--latents", latents, "--model", "DiT-test/2", "--output", out,
+        "--val-fraction", "0.1", "--grid-samples", "2", "--grid-steps", "2",
+        "--steps", str(STEPS), "--global-batch-size", "32", "--lr", "2e-3", "--ema-decay", "0.9",
+        "--num-workers", "2", "--cpus-per-worker", str(cpus), "--placement", placement,
+        "--precision", "fp32", "--checkpoint-every", "20", "--log-every", "5", "--eval-every", str(STEPS),
+        "--tracking-uri", mlflow, "--experiment", experiment,
+    ]  # fmt: skip
+
+
+def worker_nodes(address: str, submission_id: str) -> list[str | None]:
+    """Node ids of a job's Ray Train workers (every worker group it started), from the state API."""
+    from ray.util.state import list_actors
+
+    job_id = _client(address).get_job_info(submission_id).job_id
+    actors = list_actors(address=address, filters=[("job_id", "=", job_id)], limit=1000,
+                         raise_on_missing_output=False, detail=True)  # fmt: skip
+    return [a.node_id for a in actors if "RayTrainWorker" in a.class_name]
+
+
+def run_metrics(mlflow: str, experiment: str) -> dict[str, list[tuple[int, float]]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow)
+    (run,) = client.search_runs(client.get_experiment_by_name(experiment).experiment_id)
+    assert run.info.status == "FINISHED"
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        for key in ("train/loss", "train/grad_norm", "val/loss")
+    }
+
+
+@pytest.mark.slow
+def test_spread_puts_one_worker_per_node_and_trains_as_pack_does(two_nodes, latents, mlflow_server, tmp_path):
+    runs = {}
+    for placement in ("spread", "pack"):
+        out = str(tmp_path / placement)
+        log = io.StringIO()
+        args = train_args(latents, out, mlflow_server, f"two-nodes-{placement}", placement, 1)
+        outcome = submit(two_nodes.address, "train_dit", args, working_dir=ROOT, out=log, timeout_s=300)
+        assert outcome.status == "SUCCEEDED", log.getvalue()[-3000:]
+        runs[placement] = (out, worker_nodes(two_nodes.address, outcome.submission_id))
+    spread_nodes, pack_nodes = runs["spread"][1], runs["pack"][1]
+    assert len(spread_nodes) == 2 and set(spread_nodes) == two_nodes.alive_node_ids(), spread_nodes
+    assert len(pack_nodes) == 2 and len(set(pack_nodes)) == 1, pack_nodes
+    # Same checkpoints, same weights, same MLflow metrics, wherever the ranks ran.
+    spread_out, pack_out = runs["spread"][0], runs["pack"][0]
+    assert sorted(os.listdir(spread_out)) == sorted(os.listdir(pack_out))
+    a = load_file(os.path.join(spread_out, f"checkpoint_{STEPS:08d}", "model.safetensors"))
+    b = load_file(os.path.join(pack_out, f"checkpoint_{STEPS:08d}", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run_metrics(mlflow_server, "two-nodes-spread") == run_metrics(mlflow_server, "two-nodes-pack")
+
+
+def test_worker_node_killed_mid_training_the_run_resumes_on_the_node_left(
+    two_nodes, latents, mlflow_server, tmp_path
+):
+    out = str(tmp_path / "dit")
+    experiment = "two-nodes-node-loss"
+    args = train_args(latents, out, mlflow_server, experiment, "spread", 0.5)
+    first = submit(two_nodes.address, "train_dit", args, working_dir=ROOT, wait=False, out=None)
+    ckpt = os.path.join(out, "checkpoint_00000020")
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(ckpt, "config.json")):  # the checkpoint's last file
+        assert time.time() < deadline, "no checkpoint in 240 s"
+        time.sleep(0.1)
+    before = worker_nodes(two_nodes.address, first.submission_id)
+    assert set(before) == two_nodes.alive_node_ids(), before  # spread: one worker per node
+    killed_at = time.time()
+    dead_after = two_nodes.kill_worker(two_nodes.workers[-1])
+    log = io.StringIO()
+    outcome = wait_for_job(_client(two_nodes.address), first.submission_id, out=log, timeout_s=300)
+    print(f"GCS marked the node dead in {dead_after:.1f} s; the job ended {time.time() - killed_at:.0f} s "
+          f"after the kill: {outcome.status}")  # fmt: skip
+    assert outcome.status == "SUCCEEDED", log.getvalue()[-3000:]
+    after = worker_nodes(two_nodes.address, first.submission_id)
+    survivors = two_nodes.alive_node_ids()
+    # The first group's rank on the head, then the restarted group's two ranks, both on the head.
+    assert len(after) >= 4 and sum(n in survivors for n in after) >= 3, after
+    assert os.path.isdir(os.path.join(out, f"checkpoint_{STEPS:08d}"))
+    losses = read_train_log(out)  # raises on a step logged twice
+    assert sorted(losses) == list(range(5, STEPS + 1, 5))
+    metrics = run_metrics(mlflow_server, experiment)
+    steps = [s for s, _ in metrics["train/loss"]]
+    assert steps == list(range(5, STEPS + 1, 5)), steps  # every step once in MLflow
