@@ -5,6 +5,7 @@
     vitdit quickstart --smoke-test             # the same stages at tiny sizes, a minute or two
     vitdit quickstart -v                       # with Ray's own logs and the libraries' warnings
     vitdit quickstart --print-recipe > my.yaml # the recipe, to edit and run with `vitdit pipeline`
+    vitdit quickstart --task numbers           # text-to-image: two-digit numbers from their names
 
 Runs the packaged recipe (vitdit/recipes/quickstart.yaml, whose comments give the reason for each
 setting) through ``vitdit pipeline``'s orchestration on a local Ray cluster:
@@ -39,6 +40,14 @@ class QuickstartConfig:
         default="./quickstart",
         metadata={"help": "every stage writes under it; a re-run skips finished stages"},
     )
+    task: str = dataclasses.field(
+        default="digits",
+        metadata={
+            "help": "digits: class-conditional DiT on the digits; numbers: text-to-image MM-DiT drawing "
+            "two-digit numbers from their names (vitdit/recipes/numbers.yaml)",
+            "choices": ("digits", "numbers"),
+        },
+    )
     smoke_test: bool = dataclasses.field(
         default=False,
         metadata={"help": "the same stages at tiny sizes (a minute or two; no accuracy targets)"},
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         from pipelines import quickstart
 
         if cfg.print_recipe:
-            print(quickstart.recipe_yaml(cfg.smoke_test), end="")
+            print(quickstart.recipe_yaml(cfg.smoke_test, cfg.task), end="")
             return 0
         from jobs.pipeline import check_stage_flags
         from pipelines.progress import quiet_logs
@@ -87,6 +96,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             redo=cfg.redo,
             check_flags=check_stage_flags,
             dry_run=cfg.dry_run,
+            task=cfg.task,
         )
 
     return run_main(body)

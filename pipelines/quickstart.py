@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -37,12 +38,46 @@ RECIPE_NAME = "quickstart"  # vitdit/recipes/quickstart.yaml
 # Targets of the full run, checked and printed at the end.
 TARGETS = {"vit_val_accuracy": 0.97, "dit_sample_accuracy": 0.90}
 MLFLOW_EXPERIMENT = "vitdit-quickstart"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartTask:
+    """One ``--task``: its packaged recipe, the targets its summary checks, what its summary reports."""
+
+    name: str
+    recipe: str  # vitdit/recipes/<recipe>.yaml
+    targets: Mapping[str, float]
+    text_to_image: bool = False  # an MM-DiT drawing numbers from their names (the numbers task)
+
+
+TASKS = {
+    # Class-conditional DiT on the bundled digits.
+    "digits": QuickstartTask("digits", RECIPE_NAME, TARGETS),
+    # Text-to-image: two-digit numbers from their English names (vitdit.numbers). The held-out
+    # target is the issue's "composition shows" line; the seen one is the quality bar.
+    "numbers": QuickstartTask(
+        "numbers",
+        "numbers",
+        {"vit_val_accuracy": 0.97, "number_accuracy_seen": 0.90, "number_accuracy_held_out": 0.50},
+        text_to_image=True,
+    ),
+}
+
+
+def get_task(name: str) -> QuickstartTask:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise VitditError(f"--task {name!r}: unknown (known: {', '.join(TASKS)})") from None
+
+
 # Experiments the stages log to (their default names): created up front with their artifacts
 # under the workdir, so nothing lands in the current directory's ./mlruns.
 STAGE_EXPERIMENTS = (
     "vitdit-vae",
     "vitdit-vit",
     "vitdit-dit",
+    "vitdit-mmdit",
     "vitdit-sample",
     "vitdit-eval",
     MLFLOW_EXPERIMENT,
@@ -52,19 +87,21 @@ STAGE_EXPERIMENTS = (
 # --- the recipe ----------------------------------------------------------------------------------
 
 
-def recipe_documents() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the packaged recipe, its --smoke-test overrides): the YAML file's two documents."""
+def recipe_documents(task: str = "digits") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the task's packaged recipe, its --smoke-test overrides): the YAML file's two documents."""
     import yaml
 
     from vitdit.recipes import recipe_text
 
-    recipe, smoke = yaml.safe_load_all(recipe_text(RECIPE_NAME))
+    recipe, smoke = yaml.safe_load_all(recipe_text(get_task(task).recipe))
     return recipe, smoke
 
 
-def build_recipe(workdir: str, tracking_uri: str | None, smoke_test: bool = False) -> dict[str, Any]:
-    """The packaged recipe as a `vitdit pipeline` dict for ``workdir`` (absolute)."""
-    raw, smoke = copy.deepcopy(recipe_documents())
+def build_recipe(
+    workdir: str, tracking_uri: str | None, smoke_test: bool = False, task: str = "digits"
+) -> dict[str, Any]:
+    """The task's packaged recipe as a `vitdit pipeline` dict for ``workdir`` (absolute)."""
+    raw, smoke = copy.deepcopy(recipe_documents(task))
     if smoke_test:
         raw["name"] = smoke.get("name", raw["name"])
         for stage, args in smoke["stages"].items():
@@ -74,15 +111,15 @@ def build_recipe(workdir: str, tracking_uri: str | None, smoke_test: bool = Fals
     return raw
 
 
-def recipe_yaml(smoke_test: bool = False) -> str:
+def recipe_yaml(smoke_test: bool = False, task: str = "digits") -> str:
     """``--print-recipe``: the packaged file's recipe with its comments (smoke sizes: without)."""
     if not smoke_test:
         from vitdit.recipes import recipe_text
 
-        return recipe_text(RECIPE_NAME).split("\n---\n")[0].rstrip("\n") + "\n"
+        return recipe_text(get_task(task).recipe).split("\n---\n")[0].rstrip("\n") + "\n"
     import yaml
 
-    raw = build_recipe("runs/quickstart-smoke", None, smoke_test=True)
+    raw = build_recipe(f"runs/{get_task(task).recipe}-smoke", None, smoke_test=True, task=task)
     return yaml.safe_dump(raw, sort_keys=False)
 
 
@@ -144,21 +181,44 @@ def _last_metric(log_path: str, key: str) -> float | None:
     return value
 
 
-def memorization(recipe, out_path: str) -> dict[str, Any]:
+def memorization(recipe, out_path: str, task: str = "digits") -> dict[str, Any]:
     """Nearest-training-image distances of the samples and of the real val images → ``out_path``."""
     from pipelines.evaluate import read_reference
     from vitdit import samples as layout
     from vitdit.memorization import memorization_report
 
     images, labels = layout.read_samples(recipe.path("samples"))
-    train, _, _ = read_reference(recipe.path("data", "train"), images.shape[1])
-    val, _, _ = read_reference(recipe.path("data", "val"), images.shape[1])
-    # Compared at 8 px: the digits' native size (the 16 px images are bicubic upscales of it).
-    report = memorization_report(images, train, val, size=8, sample_labels=labels)
+    if get_task(task).text_to_image:
+        # Against the training composites, at 16 px: each glyph is a native 8×8 digit there. Labels
+        # index prompts, not the composites' classes: not passed.
+        root, size, sample_labels = recipe.path("numbers"), 16, None
+    else:
+        # Compared at 8 px: the digits' native size (the 16 px images are bicubic upscales of it).
+        root, size, sample_labels = recipe.path("data"), 8, labels
+    train, _, _ = read_reference(os.path.join(root, "train"), images.shape[1])
+    val, _, _ = read_reference(os.path.join(root, "val"), images.shape[1])
+    report = memorization_report(images, train, val, size=size, sample_labels=sample_labels)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def held_out_grid(recipe, out_path: str) -> str | None:
+    """A labelled grid of the samples of the held-out numbers (one row per prompt) → ``out_path``."""
+    from vitdit import numbers
+    from vitdit import samples as layout
+
+    images, labels = layout.read_samples(recipe.path("samples"))
+    prompts = layout.read_config(recipe.path("samples")).get("prompts") or []
+    recorded = _read_json(recipe.path("numbers", numbers.MANIFEST)) or {}
+    held = set(recorded.get("held_out", numbers.HELD_OUT))
+    keep = [i for i, y in enumerate(labels) if numbers.number_from_words(prompts[int(y)]) in held]
+    if not keep:
+        return None
+    grid = layout.labeled_grid(images[keep], [prompts[int(labels[i])] for i in keep])
+    grid.save(out_path)
+    return out_path
 
 
 def collect(
@@ -169,6 +229,7 @@ def collect(
     tracking_uri: str,
     cpu_shares: dict[str, float] | None = None,
     matmul_gflops: dict[str, float] | None = None,
+    task: str = "digits",
 ) -> dict[str, Any]:
     """summary.json: metrics measured by the stages, every artifact's path, the stage table, the machine.
 
@@ -179,25 +240,51 @@ def collect(
     from vitdit.mfu import cpu_model_name, has_cpu_bf16_matrix_units
 
     p = recipe.path
+    spec = get_task(task)
+    gen = "mmdit" if spec.text_to_image else "dit"  # the generative stage
     probes = {
         stage: record
-        for stage in ("vae", "vit", "dit")
+        for stage in ("vae", "vit", gen)
         if (record := _read_json(p(stage, "precision.json"))) is not None
     }
-    vit_ckpt, dit_ckpt = _checkpoint(recipe, "vit"), _checkpoint(recipe, "dit")
+    vit_ckpt, gen_ckpt = _checkpoint(recipe, "vit"), _checkpoint(recipe, gen)
     report = _read_json(p("eval", "report.json")) or {}
     ev = report.get("metrics", {})
     mem = _read_json(p("eval", "memorization.json")) or {}
+    vit_trainer = _last_metric(p("vit", "train_log.jsonl"), "val/accuracy")
+    if spec.text_to_image:
+        # The reference is the numbers' val composites, which a digits classifier has no labels
+        # for: the ViT's accuracy is the trainer's last validation on the digits' val split.
+        num = {k.removeprefix("eval/numbers/"): v for k, v in ev.items() if k.startswith("eval/numbers/")}
+        task_metrics: dict[str, Any] = {
+            "vit_val_accuracy": vit_trainer,
+            "mmdit_final_loss": _last_metric(p("mmdit", "train_log.jsonl"), "train/loss"),
+            "number_accuracy": num.get("number"),
+            "number_accuracy_seen": num.get("number_seen"),
+            "number_accuracy_held_out": num.get("number_held_out"),
+            # Per digit: the tens glyph and the units glyph read right, each group apart.
+            **{
+                f"digit_accuracy_{pos}_{grp}": num.get(f"{pos}_{grp}")
+                for grp in ("seen", "held_out")
+                for pos in ("tens", "units")
+            },
+            "samples_seen": None if num.get("count_seen") is None else int(num["count_seen"]),
+            "samples_held_out": None if num.get("count_held_out") is None else int(num["count_held_out"]),
+        }
+    else:
+        task_metrics = {
+            # The classifier's accuracy on all val images (the evaluate stage's own pass over
+            # them), and the last validation the trainer logged (it may use the EMA weights).
+            "vit_val_accuracy": ev.get("eval/reference/accuracy"),
+            "vit_val_accuracy_trainer": vit_trainer,
+            "dit_final_loss": _last_metric(p("dit", "train_log.jsonl"), "train/loss"),
+            "dit_sample_accuracy": ev.get("eval/accuracy"),
+            "dit_sample_accuracy_per_class": {
+                k.removeprefix("eval/accuracy/"): v for k, v in ev.items() if k.startswith("eval/accuracy/")
+            },
+        }
     metrics: dict[str, Any] = {
-        # The classifier's accuracy on all val images (the evaluate stage's own pass over them),
-        # and the last validation the trainer logged (it may use the EMA weights when enabled).
-        "vit_val_accuracy": ev.get("eval/reference/accuracy"),
-        "vit_val_accuracy_trainer": _last_metric(p("vit", "train_log.jsonl"), "val/accuracy"),
-        "dit_final_loss": _last_metric(p("dit", "train_log.jsonl"), "train/loss"),
-        "dit_sample_accuracy": ev.get("eval/accuracy"),
-        "dit_sample_accuracy_per_class": {
-            k.removeprefix("eval/accuracy/"): v for k, v in ev.items() if k.startswith("eval/accuracy/")
-        },
+        **task_metrics,
         **{
             name: ev.get(f"eval/{key}")
             for name, key in [("fd", "fd"), ("kid", "kid"), ("precision", "precision"), ("recall", "recall")]
@@ -224,11 +311,16 @@ def collect(
         "vae": p("vae", "vae"),
         "latents_manifest": p("latents", "manifest.json"),
         "vit_checkpoint": vit_ckpt,
-        "dit_checkpoint": dit_ckpt,
+        f"{gen}_checkpoint": gen_ckpt,
         "samples": p("samples"),
         "sample_images": p("samples", "images"),
         "samples_npz": p("samples", "samples.npz"),
         "grid": p("samples", "grid.png"),
+        **(
+            {"numbers": p("numbers"), "held_out_grid": p("samples", "held_out_grid.png")}
+            if spec.text_to_image
+            else {}
+        ),
         "eval_report": p("eval", "report.json"),
         "memorization_report": p("eval", "memorization.json"),
         "mlflow_db": db,
@@ -236,11 +328,12 @@ def collect(
     }
     targets = {}
     if not smoke_test:
-        for key, want in TARGETS.items():
+        for key, want in spec.targets.items():
             got = metrics.get(key)
             targets[key] = {"target": want, "value": got, "met": got is not None and got >= want}
     return {
         "recipe": recipe.name,
+        "task": task,
         "smoke_test": smoke_test,
         "seconds": round(seconds, 1),
         "stages": [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 1)} for r in results],
@@ -342,9 +435,29 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("  stage      status    seconds")
     for s in summary["stages"]:
         print(f"  {s['name']:10s} {s['status']:9s} {s['seconds']:7.1f}")
-    rows = [
-        ("ViT val accuracy", m["vit_val_accuracy"]),
-        ("DiT samples classified as their class", m["dit_sample_accuracy"]),
+    if summary.get("task") == "numbers":
+        rows = [
+            ("ViT val accuracy (digits)", m["vit_val_accuracy"]),
+            (f"numbers drawn right, seen ({_fmt(m['samples_seen'])} samples)", m["number_accuracy_seen"]),
+            (
+                f"numbers drawn right, held out ({_fmt(m['samples_held_out'])} samples)",
+                m["number_accuracy_held_out"],
+            ),
+            (
+                "tens / units digit right, seen",
+                f"{_fmt(m['digit_accuracy_tens_seen'])} / {_fmt(m['digit_accuracy_units_seen'])}",
+            ),
+            (
+                "tens / units digit right, held out",
+                f"{_fmt(m['digit_accuracy_tens_held_out'])} / {_fmt(m['digit_accuracy_units_held_out'])}",
+            ),
+        ]
+    else:
+        rows = [
+            ("ViT val accuracy", m["vit_val_accuracy"]),
+            ("DiT samples classified as their class", m["dit_sample_accuracy"]),
+        ]
+    rows += [
         ("FD (ViT features) samples / VAE floor", f"{_fmt(m['fd'])} / {_fmt(m['floor_fd'])}"),
         ("KID samples / VAE floor", f"{_fmt(m['kid'])} / {_fmt(m['floor_kid'])}"),
         ("precision / recall", f"{_fmt(m['precision'])} / {_fmt(m['recall'])}"),
@@ -357,6 +470,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("\n  metric" + " " * 47 + "value")
     for name, v in rows:
         print(f"  {name:52s} {_fmt(v)}")
+    if summary.get("task") == "numbers":
+        print("  (FD/KID/precision/recall: digits-ViT features of whole composites, samples against the")
+        print("   real val composites; nearest-train distances against the training composites)")
     per_class = m.get("dit_sample_accuracy_per_class") or {}
     if per_class:
         print("  per class: " + " ".join(f"{k}:{_fmt(v)}" for k, v in sorted(per_class.items())))
@@ -365,6 +481,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     for line in machine_lines(summary.get("machine") or {}):
         print(line)
     print(f"\nsample grid:  {a['grid']}")
+    if a.get("held_out_grid"):
+        print(f"held out:     {a['held_out_grid']}")
     print(f"summary:      {a['summary']}")
     print(f"MLflow UI:    {summary['mlflow_ui']}")
 
@@ -382,6 +500,7 @@ def run_quickstart(
     redo: tuple[str, ...] = (),
     check_flags=None,
     dry_run: bool = False,
+    task: str = "digits",
 ) -> int:
     """Run the packaged recipe in ``workdir``; print the stages as they go and the summary last.
 
@@ -394,8 +513,9 @@ def run_quickstart(
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
     uri = resolve_tracking_uri(tracking_uri or os.path.join(workdir, "mlflow.db"))
-    raw = build_recipe(workdir, uri, smoke_test)
-    recipe = parse_recipe(raw, source=f"vitdit quickstart (vitdit/recipes/{RECIPE_NAME}.yaml)")
+    spec = get_task(task)
+    raw = build_recipe(workdir, uri, smoke_test, task)
+    recipe = parse_recipe(raw, source=f"vitdit quickstart (vitdit/recipes/{spec.recipe}.yaml)")
     if check_flags is not None:
         check_flags(recipe)
     check_redo(recipe, redo)
@@ -434,10 +554,19 @@ def run_quickstart(
                     file=sys.stderr,
                 )
                 return failed[0].exit_code or 1
-            memorization(recipe, recipe.path("eval", "memorization.json"))
+            memorization(recipe, recipe.path("eval", "memorization.json"), task)
+            if spec.text_to_image:
+                held_out_grid(recipe, recipe.path("samples", "held_out_grid.png"))
             seconds, shares = time.perf_counter() - t0, cpu_time_shares(cpu_before, cpu_times())
             summary = collect(
-                recipe, results, seconds, smoke_test, uri, cpu_shares=shares, matmul_gflops=matmul_gflops
+                recipe,
+                results,
+                seconds,
+                smoke_test,
+                uri,
+                cpu_shares=shares,
+                matmul_gflops=matmul_gflops,
+                task=task,
             )
             summary["mlflow_run_id"] = run.run_id
             summary_path = recipe.path("summary.json")

@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from pipelines import quickstart
 from pipelines.recipe import STAGES as ALL_STAGES
@@ -237,3 +238,58 @@ def _all_artifacts(client, run_id: str, path: str | None = None) -> list:
     for f in client.list_artifacts(run_id, path):
         out.extend(_all_artifacts(client, run_id, f.path) if f.is_dir else [f])
     return out
+
+
+# --- the numbers quickstart: text-to-image, the same orchestration ---------------------------------
+
+
+@pytest.mark.ray
+def test_numbers_quickstart_smoke_reports_number_accuracy_and_the_held_out_grid(
+    ray_session, mlflow_server, tmp_path, capsys
+):
+    """`vitdit quickstart --task numbers --smoke-test`: every stage of the numbers recipe for real at
+    tiny sizes (the numbers set, a VAE, captioned latents, a ViT on the digits, an MM-DiT with its own
+    text tower, sampling from every number's words, evaluation with --numbers), in this process on
+    the suite's Ray session; the summary reports number accuracy on seen and held-out numbers, the
+    held-out grid, FD and the copy check, and the quickstart's MLflow run holds them."""
+    from jobs.quickstart import main
+    from vitdit import numbers
+
+    t0 = int(time.time() * 1000)
+    work = tmp_path / "qsn"
+    argv = ["--task", "numbers", "--smoke-test", "--workdir", str(work), "--tracking-uri", mlflow_server]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["task"] == "numbers" and summary["recipe"] == "numbers-smoke"
+    names = [s["name"] for s in summary["stages"]]
+    assert names == ["data", "numbers", "vae", "encode", "vit", "mmdit", "sample", "evaluate"]
+    assert all(s["status"] == "done" for s in summary["stages"])
+    m, a = summary["metrics"], summary["artifacts"]
+    # 90 samples, one per number 10..99 from its words: 80 seen, 10 held out.
+    assert (m["samples_seen"], m["samples_held_out"]) == (80, len(numbers.HELD_OUT))
+    for key in ("number_accuracy_seen", "number_accuracy_held_out", "digit_accuracy_tens_seen",
+                "digit_accuracy_units_held_out", "fd", "copy_fraction", "vit_val_accuracy"):  # fmt: skip
+        assert isinstance(m[key], float) and 0.0 <= m[key] <= max(1.0, m[key]), (key, m[key])
+    assert os.path.isfile(os.path.join(a["mmdit_checkpoint"], "model.safetensors"))
+    # The checkpoint carries its tokenizer: it samples from words with nothing beside it.
+    config = json.loads(open(os.path.join(a["mmdit_checkpoint"], "config.json")).read())
+    assert config["text"]["kind"] == "own" and "forty" in config["text"]["tokenizer"]
+    with Image.open(a["held_out_grid"]) as grid:  # one labelled row per held-out number
+        assert grid.height >= len(numbers.HELD_OUT) * 16
+    sampling = json.loads((work / "samples" / "sampling.json").read_text())
+    assert sampling["prompts"][:2] == ["ten", "eleven"] and len(sampling["prompts"]) == 90
+    assert "numbers drawn right, held out (10 samples)" in out and a["held_out_grid"] in out
+    assert summary["targets"] == {}  # no targets in a smoke run
+    (run,) = [
+        r
+        for r in _runs(mlflow_server, quickstart.MLFLOW_EXPERIMENT, t0)
+        if r.info.run_id == summary["mlflow_run_id"]
+    ]
+    assert run.data.metrics["quickstart/number_accuracy_held_out"] == pytest.approx(
+        m["number_accuracy_held_out"]
+    )
+    assert run.info.run_name == "numbers-smoke · qsn"
+    arts = {f.path for f in _all_artifacts(mlflow.MlflowClient(mlflow_server), run.info.run_id)}
+    assert "held_out_grid.png" in arts and "summary.json" in arts
+    assert _runs(mlflow_server, "vitdit-mmdit", t0)  # the MM-DiT stage logged its own run
