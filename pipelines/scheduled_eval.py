@@ -55,7 +55,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vitdit.checkpoint import list_checkpoints, read_config
+from pipelines import storage
+from vitdit.checkpoint import CONFIG_NAME, read_config
 from vitdit.errors import VitditError
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,33 @@ class CheckpointRef:
     training_run_id: str | None
 
 
+# --- run directories on local disk or object storage ---------------------------------------------
+
+
+def _remote(path: str | None) -> bool:
+    return bool(path) and storage.is_uri(path) and not path.startswith("file://")
+
+
+def _is_dir(path: str) -> bool:
+    """A local directory, or a prefix on object storage that holds something."""
+    return storage.exists(path) if _remote(path) else os.path.isdir(path)
+
+
+def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """``list_checkpoints`` for a local run directory or a run URI (s3://.../run)."""
+    from pipelines.train.restore import list_checkpoints_any
+
+    return list_checkpoints_any(run_dir)
+
+
+def _config(checkpoint: str) -> dict:
+    return (
+        (storage.read_json(storage.join(checkpoint, CONFIG_NAME)) or {})
+        if _remote(checkpoint)
+        else read_config(checkpoint)
+    )
+
+
 def find_checkpoints(source: str, client=None) -> tuple[list[CheckpointRef], list[CheckpointRef]]:
     """(existing, deleted) checkpoints of a run directory or an MLflow training run id.
 
@@ -99,8 +127,8 @@ def find_checkpoints(source: str, client=None) -> tuple[list[CheckpointRef], lis
     ``checkpoint.<step>`` tags (which also name checkpoints that retention has deleted since).
     """
     run_id, run_dir, tagged = None, None, {}
-    if os.path.isdir(source):
-        run_dir = os.path.abspath(source)
+    if _is_dir(source):
+        run_dir = source if _remote(source) else os.path.abspath(source)
     else:
         if client is None:
             raise VitditError(f"--watch {source!r}: no such directory (and no MLflow client for a run id)")
@@ -115,14 +143,14 @@ def find_checkpoints(source: str, client=None) -> tuple[list[CheckpointRef], lis
         for k, v in run.data.tags.items():
             if k.startswith("checkpoint.") and k[len("checkpoint.") :].isdigit():
                 tagged[int(k[len("checkpoint.") :])] = v
-    existing = {step: path for step, path in (list_checkpoints(run_dir) if run_dir else [])}
+    existing = {step: path for step, path in (_checkpoints(run_dir) if run_dir else [])}
     if run_id is None and existing:
         latest = existing[max(existing)]
-        run_id = (read_config(latest).get("mlflow") or {}).get("run_id")
+        run_id = (_config(latest).get("mlflow") or {}).get("run_id")
     prefix = run_id or run_dir
     ref = lambda step, path: CheckpointRef(step, path, f"{prefix}@{step:08d}", run_id)
     found = [ref(s, p) for s, p in sorted(existing.items())]
-    deleted = [ref(s, p) for s, p in sorted(tagged.items()) if s not in existing and not os.path.isdir(p)]
+    deleted = [ref(s, p) for s, p in sorted(tagged.items()) if s not in existing and not _is_dir(p)]
     return found, deleted
 
 
@@ -138,10 +166,10 @@ def store_of(source: str, tracking_uri: str | None = None) -> str:
 
     if tracking_uri:
         return resolve_tracking_uri(tracking_uri)
-    if os.path.isdir(source):
-        found = list_checkpoints(source)
+    if _is_dir(source):
+        found = _checkpoints(source)
         if found:
-            recorded = (read_config(found[-1][1]).get("mlflow") or {}).get("tracking_uri")
+            recorded = (_config(found[-1][1]).get("mlflow") or {}).get("tracking_uri")
             if recorded:
                 return resolve_tracking_uri(recorded)
     return resolve_tracking_uri(None)
@@ -324,7 +352,7 @@ def _handle(protocol: ClaimProtocol, client, ref: CheckpointRef, evaluate: Evalu
     run_id = protocol.try_claim(ref)
     if run_id is None:
         return None
-    if not os.path.isdir(ref.path):
+    if not _is_dir(ref.path):
         log.info(
             "step %d: checkpoint %s was deleted by retention before evaluation; skipped", ref.step, ref.path
         )
@@ -335,7 +363,7 @@ def _handle(protocol: ClaimProtocol, client, ref: CheckpointRef, evaluate: Evalu
         with _Heartbeat(protocol, run_id, max(timeout / 4, 0.5)):
             result = evaluate(ref, run_id)
     except Exception as e:
-        if not os.path.isdir(ref.path):
+        if not _is_dir(ref.path):
             log.info(
                 "step %d: checkpoint %s deleted by retention during evaluation; skipped", ref.step, ref.path
             )
@@ -412,8 +440,12 @@ def run_watch(args: argparse.Namespace) -> int:
     print(f"watching {args.watch}; claims and results in MLflow at {uri}")
 
     def evaluate(ref, run_id):
-        root = args.samples_root or os.path.join(os.path.dirname(ref.path), "eval_samples")
-        out = os.path.join(root, os.path.basename(ref.path))
+        if _remote(ref.path):  # s3://.../run/checkpoint_N → s3://.../run/eval_samples/checkpoint_N
+            parent, name = ref.path.rstrip("/").rsplit("/", 1)
+            out = storage.join(args.samples_root or storage.join(parent, "eval_samples"), name)
+        else:
+            root = args.samples_root or os.path.join(os.path.dirname(ref.path), "eval_samples")
+            out = os.path.join(root, os.path.basename(ref.path))
         common = {"tracking_uri": uri, "mlflow": True}
         run_sampling(SampleConfig(**pick(SampleConfig, _SAMPLE_SKIP), checkpoint=ref.path, output=out, mlflow_run_id=run_id, **common))  # fmt: skip
         report = run_evaluation(EvalConfig(**pick(EvalConfig, _EVAL_SKIP), samples=out, mlflow_run=run_id, step=ref.step, vae=values.get("vae"), **common))  # fmt: skip

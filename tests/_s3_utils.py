@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,3 +135,16 @@ def stop_s3_server(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
+
+
+def upload_digits_subset(digits_root: str, uri: str, tmp_path, per_class=(16, 4)) -> None:
+    """The first ``per_class`` train/val images of every digit, uploaded as an ImageFolder tree."""
+    sub = tmp_path / "digits_subset"
+    for split, n in zip(("train", "val"), per_class):
+        for c in sorted(os.listdir(os.path.join(digits_root, split))):
+            os.makedirs(sub / split / c)
+            for f in sorted(os.listdir(os.path.join(digits_root, split, c)))[:n]:
+                shutil.copy(os.path.join(digits_root, split, c, f), sub / split / c / f)
+    from pipelines import storage
+
+    storage.copy_dir(str(sub), uri)

@@ -18,10 +18,13 @@ from typing import Any
 
 import torch.nn as nn
 
+from pipelines import storage
 from pipelines.storage import copy_dir, is_uri
 from pipelines.train.task import POINTER_NAME
 from vitdit.checkpoint import (
+    CONFIG_NAME,
     Checkpoint,
+    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     read_config,
@@ -39,8 +42,21 @@ def choose_resume_dir(resume: str | None, output: str) -> str | None:
 
     Raises VitditError when ``--resume`` names neither a checkpoint nor a run directory with one.
     """
+    if resume and _remote(resume):
+        if storage.exists(storage.join(resume, CONFIG_NAME)):
+            return resume.rstrip("/")
+        found = list_checkpoints_any(resume)
+        if not found:
+            raise VitditError(f"--resume {resume}: neither a checkpoint nor a run directory with checkpoints")
+        return found[-1][1]
     if resume:
         return resolve_checkpoint_dir(resume)
+    if _remote(output):
+        found = list_checkpoints_any(output)
+        if found:
+            log.info("--output %s holds checkpoints: continuing from %s", output, found[-1][1])
+            return found[-1][1]
+        return None
     if not is_uri(output) and list_checkpoints(output):
         # Re-running the same command after a crash or a kill finishes the job: a run directory
         # that already holds checkpoints is continued from its latest one.
@@ -50,11 +66,41 @@ def choose_resume_dir(resume: str | None, output: str) -> str | None:
     return None
 
 
+def _remote(path: str) -> bool:
+    return is_uri(path) and not path.startswith("file://")
+
+
+def list_checkpoints_any(run_dir: str) -> list[tuple[int, str]]:
+    """``list_checkpoints`` for a local run directory or a run URI (``s3://.../run``): complete
+    checkpoints (config.json present: it is written last) as (step, path), oldest first."""
+    if not _remote(run_dir):
+        return list_checkpoints(run_dir.removeprefix("file://"))
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(run_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as e:
+        raise VitditError(f"{run_dir}: cannot list ({storage.storage_error(e)})") from e
+    found = []
+    for info in infos:
+        step = checkpoint_step(info.base_name) if info.type == pafs.FileType.Directory else None
+        path = storage.join(run_dir, info.base_name)
+        if step is not None and storage.exists(storage.join(path, CONFIG_NAME)):
+            found.append((step, path))
+    return sorted(found)
+
+
+def _local_checkpoint(path: str) -> str:
+    """A checkpoint on object storage as a local directory (downloaded once per node)."""
+    return storage.local_dir(path) if _remote(path) else path
+
+
 def resume_config(resume_dir: str | None, kind: str) -> dict[str, Any]:
     """config.json of the checkpoint resumed from ({} for a new run); refuses another model kind."""
     if not resume_dir:
         return {}
-    config = load_checkpoint(resume_dir).config
+    config = load_checkpoint(_local_checkpoint(resume_dir)).config
     if config.get("kind") != kind:
         raise VitditError(
             f"resuming from {resume_dir}: a {config.get('kind')} checkpoint, not {kind} (choose another --output)"
@@ -92,7 +138,8 @@ def restart_checkpoint(pointed: str | None, own: list[str], resume_dir: str | No
     """
     candidates = ([pointed] if pointed is not None else []) + list(own)
     if not candidates and resume_dir:
-        candidates.append(resume_dir)
+        # --resume s3://...: each worker fetches it on its own node (the driver's copy is not there).
+        candidates.append(_local_checkpoint(resume_dir))
     if not candidates:
         return None
     return max(candidates, key=lambda c: int(read_config(c).get("step") or 0))
