@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -159,8 +160,9 @@ def run_training(task: TrainTask, cfg: TrainConfig, _test_hooks: dict[str, Any] 
     )
     try:
         result = _make_trainer(plan, datasets).fit()
-    except BaseException:
+    except BaseException as e:
         handle.end("FAILED")
+        _raise_if_no_room(e, cfg)
         raise
     _raise_if_nonfinite(cfg.output, result, handle)
     handle.end("FINISHED")
@@ -246,13 +248,41 @@ def _make_trainer(plan: WorkerPlan, datasets: dict[str, Any]):
         run_config=ray.train.RunConfig(
             name=f"{plan.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=join(cfg.output, "_ray"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.max_failures,
+                # Each failed start of the worker group (no room for it, e.g. a lost node not yet
+                # replaced) is a controller failure, retried forever by default: --node-wait-s bounds it.
+                controller_failure_limit=max(1, math.ceil(cfg.node_wait_s / _worker_group_start_timeout_s())),
+            ),
             # Retention is ours (last K + every M-th); Ray's num_to_keep would delete the M-th ones.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
+
+
+def _worker_group_start_timeout_s() -> float:
+    """Ray Train's wait for a worker group's resources per start attempt (its env var, default 60 s)."""
+    return float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+
+
+def _raise_if_no_room(error: BaseException, cfg: TrainConfig) -> None:
+    """VitditError (how to resume) when fit gave up because the workers found no room to restart."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError"):
+            last = list_checkpoints(cfg.output) if not is_uri(cfg.output) else []
+            raise VitditError(
+                f"training stopped: the cluster had no room for --num-workers {cfg.num_workers} × "
+                f"--cpus-per-worker {cfg.cpus_per_worker:g}{' + 1 GPU' if cfg.use_gpu else ''} for "
+                f"--node-wait-s {cfg.node_wait_s:g} s after losing a worker (a node gone and not "
+                f"replaced); last checkpoint: {last[-1][1] if last else cfg.output}. Once the cluster "
+                f"has room again, run the same command with --resume {cfg.output}"
+            ) from None
+        e = getattr(e, "controller_failure", None) or e.__cause__ or e.__context__
 
 
 def _raise_if_nonfinite(output: str, result, handle) -> None:

@@ -47,6 +47,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise VitditError(f"--lr-schedule {cfg.lr_schedule!r}: expected one of {SCHEDULES}")
     if cfg.precision not in PRECISIONS:
         raise VitditError(f"--precision {cfg.precision!r}: expected one of {PRECISIONS}")
+    if cfg.node_wait_s <= 0:
+        raise VitditError(f"--node-wait-s {cfg.node_wait_s:g}: must be > 0")
     if cfg.placement not in PLACEMENTS:
         raise VitditError(f"--placement {cfg.placement!r}: expected one of {PLACEMENTS}")
     if cfg.keep_checkpoints < 1:

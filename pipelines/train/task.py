@@ -97,6 +97,13 @@ class TrainConfig:
     max_failures: int = dataclasses.field(
         default=1, metadata={"help": "worker failures Ray Train recovers from"}
     )
+    node_wait_s: float = dataclasses.field(
+        default=600.0,
+        metadata={
+            "help": "after a worker or its node is lost, how long Ray Train may wait for room to start "
+            "the workers again (a replacement node) before the run stops at its last checkpoint"
+        },
+    )
     resume: str | None = dataclasses.field(
         default=None, metadata={"help": "checkpoint directory (or run directory: its latest) to continue"}
     )

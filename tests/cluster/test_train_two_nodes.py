@@ -122,3 +122,25 @@ def test_worker_node_killed_mid_training_the_run_resumes_on_the_node_left(
     metrics = run_metrics(mlflow_server, experiment)
     steps = [s for s, _ in metrics["train/loss"]]
     assert steps == list(range(5, STEPS + 1, 5)), steps  # every step once in MLflow
+
+
+def test_no_room_to_restart_stops_with_how_to_resume(tmp_path):
+    """What fit raises when the workers found no room within --node-wait-s becomes one line that says
+    how to resume (the e2e case needs a cluster whose survivor cannot hold the workers but can still
+    feed a Ray Data stream; on 2 cores that is not buildable: the stream itself then gets no CPU)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from pipelines.train.loop import TrainConfig, _raise_if_no_room
+    from vitdit.errors import VitditError
+
+    os.makedirs(tmp_path / "checkpoint_00000020")
+    (tmp_path / "checkpoint_00000020" / "config.json").write_text("{}")
+    cfg = TrainConfig(output=str(tmp_path), steps=60, num_workers=2, cpus_per_worker=0.5, node_wait_s=30)
+    error = ControllerError(WorkerGroupStartupTimeoutError(num_workers=2))
+    with pytest.raises(VitditError) as info:
+        _raise_if_no_room(error, cfg)
+    message = str(info.value)
+    assert "no room for --num-workers 2 × --cpus-per-worker 0.5 for --node-wait-s 30 s" in message
+    assert f"--resume {tmp_path}" in message and "checkpoint_00000020" in message
+    _raise_if_no_room(RuntimeError("a bug"), cfg)  # anything else is left alone
