@@ -90,7 +90,12 @@ class TwoNodes:
         deadline = time.time() + timeout
         while not (self.alive_node_ids() - before):
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"worker node did not join: {open(log_path).read()[-3000:]}")
+                state = (
+                    f"exited {proc.returncode}"
+                    if proc.poll() is not None
+                    else f"not in the GCS after {timeout:.0f} s"
+                )
+                raise RuntimeError(f"worker node {state}: {open(log_path).read()[-3000:]}")
             time.sleep(0.2)
         return proc
 

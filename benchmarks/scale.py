@@ -1,0 +1,169 @@
+"""Encode throughput and peak memory against data size, and against 1 vs 2 Ray nodes.
+
+For each node count it starts a loopback cluster the way tests/cluster does (tests/_two_nodes.py:
+every node a ``ray start --block`` in its own process group, ``--num-cpus 2`` logical each, a small
+``--object-store-memory``), and for each size submits ``vitdit encode`` through the job API on a
+folder of generated 64 px digit PNGs (the bundled digits, repeated under new names so every image
+has its own id; nothing is downloaded), with the tests' tiny VAE, one encoder actor per node.
+
+Memory: a thread samples every 0.25 s the **summed RSS** of every process in the nodes' process
+groups (raylets, GCS, agents, the job driver, Ray workers and actors; psutil). RSS counts a shared
+page once per process that maps it (the object store's shared memory, torch's libraries), so it
+overstates the machine's use; it is what grows if a stage holds data it should stream, which is the
+point here. Rates are images per second of the whole job (start-up included) and of the stream
+(the encode summary's ``seconds``).
+
+    python benchmarks/scale.py                          # sizes 1000 4000, nodes 1 2
+    python benchmarks/scale.py --sizes 500 --nodes 1    # a quick check
+Writes ``benchmarks/results/cpu_scale_<date>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def make_images(root: str, n: int, resolution: int = 64) -> str:
+    """``n`` PNGs under ``root/<class>/``: the bundled digits at ``resolution``, repeated under new names."""
+    from vitdit.digits import export_digits
+
+    base = os.path.join(root, "_base")
+    if not os.path.isdir(base):
+        export_digits(base, resolution=resolution, val_fraction=0.2)
+    files = sorted(
+        os.path.join(dp, f)
+        for dp, _, fs in os.walk(os.path.join(base, "train"))
+        for f in fs
+        if f.endswith(".png")
+    )
+    out = os.path.join(root, f"n{n}")
+    for i in range(n):
+        src = files[i % len(files)]
+        d = os.path.join(out, os.path.basename(os.path.dirname(src)))
+        os.makedirs(d, exist_ok=True)
+        shutil.copyfile(src, os.path.join(d, f"{i:07d}.png"))
+    return out
+
+
+class PeakRSS:
+    """Summed RSS of the processes in the given process groups, sampled from a thread."""
+
+    def __init__(self, pgids: list[int], every_s: float = 0.25):
+        self.pgids, self.every_s = set(pgids), every_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if os.getpgid(p.pid) in self.pgids:
+                    total += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self.baseline = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def encode_once(cluster, images: str, vae: str, out: str, num_actors: int) -> dict:
+    from pipelines.submit import submit
+
+    args = ["--input", images, "--output", out, "--vae", vae, "--resolution", "64", "--part-size", "200",
+            "--batch-size", "32", "--num-actors", str(num_actors), "--num-cpus-per-actor", "1"]  # fmt: skip
+    log = io.StringIO()
+    with PeakRSS([cluster.head.pid, *(w.pid for w in cluster.workers)]) as mem:
+        t0 = time.perf_counter()
+        outcome = submit(cluster.address, "encode_latents", args, working_dir=ROOT, out=log, timeout_s=1800)
+        wall = time.perf_counter() - t0
+    if outcome.status != "SUCCEEDED":
+        raise RuntimeError(f"encode failed: {log.getvalue()[-3000:]}")
+    line = next(x for x in log.getvalue().splitlines() if x.startswith("encode: read"))
+    summary = json.loads(line[line.index("{") :])
+    return {
+        "images": summary["encoded"],
+        "job_s": round(wall, 1),
+        "stream_s": summary["seconds"],
+        "img_per_s_job": round(summary["encoded"] / wall, 1),
+        "img_per_s_stream": round(summary["encoded"] / summary["seconds"], 1),
+        "idle_rss_mb": round(mem.baseline / 2**20),
+        "peak_rss_mb": round(mem.peak / 2**20),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import conftest  # noqa: F401  (sets the Ray env the test clusters use)
+    from _two_nodes import start_two_nodes
+    from _vae_utils import make_tiny_vae
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
+    p.add_argument("--nodes", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    p.add_argument("--object-store-mb", type=int, default=200)
+    p.add_argument("--json-out", default=None)
+    a = p.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="vdscale")
+    rows = []
+    try:
+        vae = make_tiny_vae(os.path.join(work, "vae"))
+        sets = {n: make_images(os.path.join(work, "images"), n) for n in a.sizes}
+        for nodes in a.nodes:
+            cluster = start_two_nodes(object_store_memory=a.object_store_mb * 2**20, workers=nodes - 1)
+            try:
+                for n in a.sizes:
+                    r = encode_once(cluster, sets[n], vae, os.path.join(work, f"out-{nodes}-{n}"), nodes)
+                    rows.append({"nodes": nodes, **r})
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                cluster.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("| nodes | images | img/s (job) | img/s (stream) | idle RSS MB | peak RSS MB |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['nodes']} | {r['images']} | {r['img_per_s_job']} | {r['img_per_s_stream']} | "
+              f"{r['idle_rss_mb']} | {r['peak_rss_mb']} |")  # fmt: skip
+    result = {
+        "date": dt.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "object_store_mb_per_node": a.object_store_mb,
+        "rows": rows,
+    }
+    path = a.json_out or os.path.join(ROOT, "benchmarks", "results", f"cpu_scale_{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
