@@ -57,10 +57,11 @@ def choose_resume_dir(resume: str | None, output: str) -> str | None:
             log.info("--output %s holds checkpoints: continuing from %s", output, found[-1][1])
             return found[-1][1]
         return None
-    if not is_uri(output) and list_checkpoints(output):
+    local = output.removeprefix("file://")
+    if list_checkpoints(local):
         # Re-running the same command after a crash or a kill finishes the job: a run directory
         # that already holds checkpoints is continued from its latest one.
-        resume_dir = resolve_checkpoint_dir(output)
+        resume_dir = resolve_checkpoint_dir(local)
         log.info("--output %s holds checkpoints: continuing from %s", output, resume_dir)
         return resume_dir
     return None

@@ -1,7 +1,8 @@
 """`vitdit encode` from s3:// to s3://, its driver SIGKILLed mid-run, then re-run: each id exactly once.
 
 The driver joins ``s3_ray_head`` (whose workers have the S3 variables) as a `ray job submit` driver
-would; the VAE is read from the bucket too. Budget: ~60 s (two drivers' start-up, 160 images).
+would; the VAE is read from the bucket too. Budget: ~90 s (a Ray head, two drivers' start-up, 40 images in 10 parts); measured 217 s with 160
+images while the machine's load average was 18-21.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def test_encode_on_s3_survives_a_sigkill_and_writes_each_id_once(
     vae = f"s3://{s3.bucket}/resume/vae"
     storage.copy_dir(str(tiny_vae_dir), vae)
     out = f"s3://{s3.bucket}/resume/latents"
-    args = ["--input", f"{images}/train", "--output", out, "--vae", vae, "--resolution", "16",
-            "--part-size", "10", "--batch-size", "8", "--num-actors", "1", "--num-cpus-per-actor", "1",
+    args = ["--input", f"{images}/val", "--output", out, "--vae", vae, "--resolution", "16",
+            "--part-size", "4", "--batch-size", "8", "--num-actors", "1", "--num-cpus-per-actor", "1",
             "--address", s3_ray_head.gcs_address]  # fmt: skip
 
     proc = _encode(args, tmp_path / "first.log")
@@ -65,7 +66,7 @@ def test_encode_on_s3_survives_a_sigkill_and_writes_each_id_once(
             pass
     assert not storage.exists(f"{out}/manifest.json")
     done_before = len(_markers(s3))
-    assert 1 <= done_before < 16
+    assert 1 <= done_before < 10
 
     again = _encode(args, tmp_path / "second.log")
     assert again.wait(300) == 0, (tmp_path / "second.log").read_text()[-3000:]
@@ -77,8 +78,8 @@ def test_encode_on_s3_survives_a_sigkill_and_writes_each_id_once(
     fs, root = storage.filesystem(out)
     for key in sorted(k for k in s3.keys("resume/latents/") if k.endswith(".parquet")):
         ids += pq.read_table(f"{s3.bucket}/{key}", filesystem=fs, columns=["id"]).column("id").to_pylist()
-    expected = sorted(f"{c}/{f}" for c in sorted(os.listdir(os.path.join(digits_root, "train")))
-                      for f in sorted(os.listdir(os.path.join(digits_root, "train", c)))[:16])  # fmt: skip
-    assert len(ids) == len(set(ids)) == 160 and sorted(ids) == expected
+    expected = sorted(f"{c}/{f}" for c in sorted(os.listdir(os.path.join(digits_root, "val")))
+                      for f in sorted(os.listdir(os.path.join(digits_root, "val", c)))[:4])  # fmt: skip
+    assert len(ids) == len(set(ids)) == 40 and sorted(ids) == expected
     for log in ("first.log", "second.log"):  # the key never reaches a log line
         assert s3.secret_key not in (tmp_path / log).read_text()

@@ -119,9 +119,15 @@ def test_pipeline_on_s3_through_the_job_api_then_skips(
     out4 = w2.stdout + w2.stderr
     assert w2.returncode == 0 and "nothing to evaluate" in out4, out4[-3000:]
 
+    # `train dit --resume s3://.../checkpoint_3` continues exactly as from the same checkpoint on disk.
+    resumed = _resume_dit_both_ways(raw, workdir, s3_ray_head, tmp_path)
+    shown_resume = resumed.pop("logs")
+    for name in resumed["s3"]:
+        np.testing.assert_array_equal(resumed["s3"][name], resumed["disk"][name], err_msg=name)
+
     # The secret key is nowhere it could be read by others.
     secret = s3.secret_key
-    shown = [recipe.read_text(), out, out2, out3, out4]
+    shown = [recipe.read_text(), out, out2, out3, out4, *shown_resume]
     for job in jobs.list_jobs():
         shown.append(json.dumps({"entrypoint": job.entrypoint, "metadata": job.metadata,
                                  "runtime_env": job.runtime_env}))  # fmt: skip
@@ -134,3 +140,47 @@ def test_pipeline_on_s3_through_the_job_api_then_skips(
     assert not leaks, f"{len(leaks)} of {len(shown)} texts hold the key"
     # Nor the endpoint: it is configuration of the machines, not of a run.
     assert not [t for t in shown if s3.endpoint in t]
+
+
+def _resume_dit_both_ways(raw: dict, workdir: str, head, tmp_path) -> dict:
+    """Two more DiT steps from ``dit/checkpoint_00000003``: once resumed from the bucket into the
+    bucket, once from a local copy onto local disk, each a Ray job; returns both final weights."""
+    import io
+
+    from safetensors.numpy import load_file
+
+    from pipelines.recipe import STAGES as RECIPE_STAGES
+    from pipelines.recipe import parse_recipe, stage_argv
+    from pipelines.submit import submit
+
+    recipe = parse_recipe(raw)
+    argv = stage_argv(recipe, next(s for s in RECIPE_STAGES if s.name == "dit"))
+    argv[argv.index("--steps") + 1] = "5"
+
+    def with_flag(args: list[str], flag: str, value: str) -> list[str]:
+        if flag in args:
+            args = list(args)
+            args[args.index(flag) + 1] = value
+            return args
+        return [*args, flag, value]
+
+    local_ckpt = tmp_path / "checkpoint_00000003"
+    storage.copy_dir(f"{workdir}/dit/checkpoint_00000003", str(local_ckpt))
+    runs = {
+        "s3": (f"{workdir}/dit/checkpoint_00000003", f"{workdir}/dit_resumed"),
+        "disk": (str(local_ckpt), str(tmp_path / "dit_resumed")),
+    }
+    weights, logs = {}, []
+    for where, (resume, output) in runs.items():
+        args = with_flag(with_flag(argv, "--output", output), "--resume", resume)
+        # Each its own throwaway store: a resumed run reopens its checkpoint's MLflow run otherwise.
+        args = with_flag(args, "--tracking-uri", f"sqlite:///{tmp_path / where}.db")
+        log = io.StringIO()
+        outcome = submit(head.address, "train_dit", args, working_dir=ROOT, python=sys.executable, out=log)
+        logs.append(log.getvalue())
+        assert outcome.status == "SUCCEEDED", (where, log.getvalue()[-4000:])
+        final = tmp_path / f"final_{where}"
+        storage.copy_dir(f"{output}/checkpoint_00000005", str(final))
+        weights[where] = load_file(str(final / "model.safetensors"))
+        assert json.loads((final / "config.json").read_text())["step"] == 5, where
+    return {**weights, "logs": logs}

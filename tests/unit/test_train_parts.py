@@ -155,7 +155,8 @@ def test_resume_choice_prefers_the_flag_then_the_run_directory_latest(tmp_path):
     assert choose_resume_dir(str(run / checkpoint_name(3)), str(run)).endswith(checkpoint_name(3))
     assert choose_resume_dir(str(run), str(tmp_path / "new")).endswith(checkpoint_name(7))
     assert choose_resume_dir(None, str(tmp_path / "new")) is None  # a new run
-    assert choose_resume_dir(None, "s3://bucket/run") is None  # a URI's checkpoints are not listed
+    # An s3:// run's latest checkpoint is found too (listed in the bucket: tests/s3/test_s3_pipeline.py).
+    assert choose_resume_dir(None, "file://" + str(run)).endswith(checkpoint_name(7))
     with pytest.raises(VitditError, match="neither a checkpoint directory nor a run directory"):
         choose_resume_dir(str(tmp_path / "missing"), str(run))
     assert resume_config(None, "test") == {}
