@@ -6,8 +6,8 @@ every node a ``ray start --block`` in its own process group, ``--num-cpus 2`` lo
 folder of generated 64 px digit PNGs (the bundled digits, repeated under new names so every image
 has its own id; nothing is downloaded), with the tests' tiny VAE, one encoder actor per node.
 
-Memory: a thread samples every 0.25 s the **summed RSS** of every process in the nodes' process
-groups (raylets, GCS, agents, the job driver, Ray workers and actors; psutil). RSS counts a shared
+Memory: a thread samples every 0.25 s the **summed RSS** of every process of the nodes (their
+sessions: raylets, GCS, agents, Ray workers and actors, and the job driver; psutil). RSS counts a shared
 page once per process that maps it (the object store's shared memory, torch's libraries), so it
 overstates the machine's use; it is what grows if a stage holds data it should stream, which is the
 point here. Rates are images per second of the whole job (start-up included) and of the stream
@@ -60,23 +60,24 @@ def make_images(root: str, n: int, resolution: int = 64) -> str:
 
 
 class PeakRSS:
-    """Summed RSS of the processes in the given process groups, sampled from a thread."""
+    """Summed RSS of every process of the given nodes (tests/_two_nodes.py: node_processes), sampled
+    from a thread."""
 
-    def __init__(self, pgids: list[int], every_s: float = 0.25):
-        self.pgids, self.every_s = set(pgids), every_s
+    def __init__(self, node_pids: list[int], every_s: float = 0.25):
+        self.node_pids, self.every_s = list(node_pids), every_s
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
         import psutil
+        from _two_nodes import node_processes
 
         total = 0
-        for p in psutil.process_iter(["pid"]):
+        for p in node_processes(self.node_pids):
             try:
-                if os.getpgid(p.pid) in self.pgids:
-                    total += p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
                 continue
         return total
 

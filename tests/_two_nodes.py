@@ -1,5 +1,6 @@
-"""Two Ray nodes on loopback: a head (GCS, job server) and worker nodes, every node a ``ray start --block`` in its own process group, so a test can SIGKILL a whole node (its
-raylet, object store, agents and workers) with ``os.killpg``.
+"""Two Ray nodes on loopback: a head (GCS, job server) and worker nodes, every node a
+``ray start --block`` in a session of its own, so a test can SIGKILL a whole node (its
+raylet, object store, agents and workers) by its session id (``node_processes``).
 
 Built like ``_cluster_utils.start_ray_head`` (own ``--temp-dir``, free ports for every fixed
 default, stopped by pid, never ``ray stop``). What is added:
@@ -59,6 +60,29 @@ def _node_ports(head: bool) -> list[str]:
     return [a for n, p in ports.items() for a in (f"--{n}", str(p))], ports
 
 
+def node_processes(node_pids: list[int]) -> list:
+    """Every process of the nodes started by these ``ray start --block`` pids (psutil.Process).
+
+    A node's raylet, GCS and agents share the ``ray start`` process group, but Ray gives each worker
+    process (tasks, actors, ``ray::IDLE``) a process group of its own; all of them stay in the
+    node's *session* (``start_new_session``), so the session id is what names a node. Job drivers
+    start a session of their own under the node's JobSupervisor: they are found as its children.
+    """
+    import psutil
+
+    sessions = set(node_pids)
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) in sessions:
+                found[p.pid] = p
+                for c in p.children(recursive=True):
+                    found[c.pid] = c
+        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+            continue
+    return list(found.values())
+
+
 @dataclass
 class TwoNodes:
     """A head and its worker nodes. ``address``: the job server; ``gcs_address``: for ``ray.init``."""
@@ -74,7 +98,7 @@ class TwoNodes:
     def start_worker(
         self, num_cpus: int = NODE_CPUS, timeout: float = HEAD_START_TIMEOUT_S
     ) -> subprocess.Popen:
-        """Another node: ``ray start --address <head> --block`` in its own process group; returns when
+        """Another node: ``ray start --address <head> --block`` in a session of its own; returns when
         the GCS lists it ALIVE."""
         before = {n["NodeID"] for n in self.nodes()}
         args, _ = _node_ports(head=False)
@@ -100,12 +124,14 @@ class TwoNodes:
         return proc
 
     def kill_worker(self, proc: subprocess.Popen, timeout: float = 60) -> float:
-        """SIGKILL a worker node's whole process group; returns the seconds until the GCS marks it
+        """SIGKILL every process of a worker node; returns the seconds until the GCS marks it
         DEAD (Ray's health check, see the module docstring)."""
         alive_before = {n["NodeID"] for n in self.nodes() if n["Alive"]}
+        doomed = node_processes([proc.pid])
         t0 = time.time()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for p in doomed:  # all at once, as a machine that goes away
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
         proc.wait(10)
         while len({n["NodeID"] for n in self.nodes() if n["Alive"]} & alive_before) == len(alive_before):
             if time.time() - t0 > timeout:
@@ -127,8 +153,9 @@ class TwoNodes:
 
     def stop(self) -> None:
         for proc in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            for p in node_processes([proc.pid]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
         stop_ray_head(self.head, self.temp_dir)  # also every process naming the temp dir
