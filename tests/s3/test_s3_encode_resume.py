@@ -2,7 +2,8 @@
 
 The driver joins ``s3_ray_head`` (whose workers have the S3 variables) as a `ray job submit` driver
 would; the VAE is read from the bucket too. Budget: ~90 s (a Ray head, two drivers' start-up, 40 images in 10 parts); measured 217 s with 160
-images while the machine's load average was 18-21.
+images while the machine's load average was 18-21, and 269 s + 192 s of fixtures with 40 images
+under the same load: marked slow until measured on a quiet machine.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _markers(s3) -> list[str]:
     return [k for k in s3.keys("resume/latents/_progress/chunk-") if k.endswith(".json")]
 
 
+@pytest.mark.slow  # over this file's share of the default run's budget on the shared machine (see above)
 @pytest.mark.ray
 def test_encode_on_s3_survives_a_sigkill_and_writes_each_id_once(
     s3, s3_ray_head, tiny_vae_dir, digits_root, tmp_path
