@@ -114,13 +114,20 @@ def start_s3_server(bucket: str = "vitdit-test") -> tuple[S3Server, subprocess.P
     boot = dict(
         endpoint_url=endpoint, region_name=region, aws_access_key_id="boot", aws_secret_access_key="boot"
     )
-    iam = boto3.client("iam", **boot)
-    iam.create_user(UserName="vitdit")
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-    iam.put_user_policy(UserName="vitdit", PolicyName="s3", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName="vitdit")["AccessKey"]
-    boto3.client("s3", **boot).create_bucket(Bucket=bucket)
-    _post(endpoint + "/moto-api/reset-auth", b"0")  # from now on every request is authenticated
+    try:
+        iam = boto3.client("iam", **boot)
+        iam.create_user(UserName="vitdit")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="vitdit", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="vitdit")["AccessKey"]
+        boto3.client("s3", **boot).create_bucket(Bucket=bucket)
+        _post(endpoint + "/moto-api/reset-auth", b"0")  # from now on every request is authenticated
+    except BaseException:
+        stop_s3_server(proc)  # a failed set-up must not leave the server behind
+        raise
     server = S3Server(endpoint, bucket, key["AccessKeyId"], key["SecretAccessKey"], region, log_path)
     return server, proc
 
