@@ -96,7 +96,7 @@ class TwoNodes:
     env: dict[str, str] = field(default_factory=dict)
 
     def start_worker(
-        self, num_cpus: int = NODE_CPUS, timeout: float = HEAD_START_TIMEOUT_S
+        self, num_cpus: int = NODE_CPUS, timeout: float = 2 * HEAD_START_TIMEOUT_S
     ) -> subprocess.Popen:
         """Another node: ``ray start --address <head> --block`` in a session of its own; returns when
         the GCS lists it ALIVE."""
