@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from conftest import free_port
+from _ports import free_port
 
 HEAD_START_TIMEOUT_S = 120
 
@@ -35,6 +36,19 @@ class RayHead:
     gcs_address: str
     temp_dir: str
     log_path: str
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server started in its own process group (``start_new_session``), SIGKILL it if it
+    lingers: `mlflow server` and `moto_server` start children that outlive their parent."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
 
 
 def _ray_cli() -> str:

@@ -14,11 +14,9 @@ filesystem), ``MLFLOW_S3_ENDPOINT_URL`` (MLflow's S3 artifact repository), the k
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 
 # tests/conftest.py's free_port, via _cluster_utils: a plain `conftest` import here may find tests/s3/conftest.py.
-from _cluster_utils import free_port
+from _cluster_utils import free_port, stop_process_group
 
 START_TIMEOUT_S = 60
 
@@ -134,14 +132,7 @@ def start_s3_server(bucket: str = "vitdit-test") -> tuple[S3Server, subprocess.P
 
 def stop_s3_server(proc: subprocess.Popen) -> None:
     """SIGTERM the server's process group, SIGKILL it if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    stop_process_group(proc)
 
 
 def upload_digits_subset(digits_root: str, uri: str, tmp_path, per_class=(16, 4)) -> None:

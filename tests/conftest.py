@@ -7,11 +7,8 @@ Data stream hang on 2).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,10 +34,7 @@ if "VITDIT_CACHE_DIR" not in os.environ:
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _ports import free_port  # noqa: E402,F401  (the fixtures' ports; helpers import it from _ports)
 
 
 @pytest.fixture(scope="session")
@@ -93,13 +87,9 @@ def mlflow_server(tmp_path_factory):
     yield uri
     # `mlflow server` starts uvicorn and huey consumers: stop the whole process group, not just
     # the parent, or they outlive the test session.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    from _cluster_utils import stop_process_group
+
+    stop_process_group(proc)
     log.close()
 
 

@@ -12,8 +12,8 @@ import os
 import time
 
 import pytest
+from _ports import free_port
 from _train_utils import TinyTask, read_train_log
-from conftest import free_port
 
 from pipelines.train.loop import NonFiniteLossError, TrainConfig, run_training
 from pipelines.train.mlflow_logger import RunHandle

@@ -13,7 +13,6 @@ of their own. Nothing is passed in a ``runtime_env``: that would put the key int
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import time
 import urllib.request
 
 import pytest
-from _cluster_utils import start_ray_head, stop_ray_head
+from _cluster_utils import start_ray_head, stop_process_group, stop_ray_head
 from _s3_utils import start_s3_server, stop_s3_server
 
 
@@ -83,11 +82,5 @@ def s3_mlflow_server(s3, tmp_path_factory):
     try:
         yield uri
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         log.close()
