@@ -70,6 +70,7 @@ def run_metrics(mlflow: str, experiment: str) -> dict[str, list[tuple[int, float
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_spread_puts_one_worker_per_node_and_trains_as_pack_does(two_nodes, latents, mlflow_server, tmp_path):
     runs = {}
     for placement in ("spread", "pack"):

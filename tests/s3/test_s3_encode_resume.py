@@ -37,6 +37,7 @@ def _markers(s3) -> list[str]:
     return [k for k in s3.keys("resume/latents/_progress/chunk-") if k.endswith(".json")]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow  # over this file's share of the default run's budget on the shared machine (see above)
 @pytest.mark.ray
 def test_encode_on_s3_survives_a_sigkill_and_writes_each_id_once(

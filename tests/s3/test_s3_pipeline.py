@@ -41,6 +41,7 @@ def _pipeline(recipe_path: str, head) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.ray
 def test_pipeline_on_s3_through_the_job_api_then_skips(
     s3, s3_ray_head, s3_mlflow_server, digits_root, tmp_path
