@@ -87,7 +87,7 @@ def test_encode_spreads_its_actors_over_both_nodes(two_nodes, digits_root, tiny_
 @pytest.mark.xfail(
     strict=False,
     run=False,
-    reason="known hang (issue 20 open): in some runs the stream restarted after the node loss never "
+    reason="known hang, to fix: in some runs the stream restarted after the node loss never "
     "starts on the surviving 2-CPU head (its read task backpressured, Preprocess given no CPU); seen "
     "in a clean-clone CI run on 2026-12-04, passed in the helper's runs",
 )
