@@ -51,6 +51,37 @@ def stop_process_group(proc: subprocess.Popen) -> None:
         proc.wait(5)
 
 
+def start_mlflow_server(root, artifacts_destination: str) -> tuple[str, subprocess.Popen]:
+    """A real `mlflow server` on loopback (SQLite backend under ``root``, its own process group), once
+    it answers /health; returns (its http:// URI, the process). Stop it with stop_process_group."""
+    import urllib.request
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", artifacts_destination,
+        "--workers", "1",
+    ]  # fmt: skip
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return uri, proc
+        except OSError:
+            if time.time() > deadline:
+                stop_process_group(proc)
+                raise RuntimeError("mlflow server did not become healthy in 240 s") from None
+            time.sleep(0.5)
+
+
 def _ray_cli() -> str:
     return os.path.join(os.path.dirname(sys.executable), "ray")
 

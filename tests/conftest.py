@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from _vae_utils import make_tiny_vae  # noqa: F401 - also used by tests that build their own
@@ -59,38 +55,14 @@ def ray_session():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback with a SQLite backend; yields its http:// URI."""
+    from _cluster_utils import start_mlflow_server, stop_process_group
+
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1",
-    ]  # fmt: skip
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not become healthy in 240 s")
+    uri, proc = start_mlflow_server(root, str(root / "artifacts"))
     yield uri
     # `mlflow server` starts uvicorn and huey consumers: stop the whole process group, not just
     # the parent, or they outlive the test session.
-    from _cluster_utils import stop_process_group
-
     stop_process_group(proc)
-    log.close()
 
 
 @pytest.fixture(scope="session")

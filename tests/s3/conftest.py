@@ -14,14 +14,9 @@ of their own. Nothing is passed in a ``runtime_env``: that would put the key int
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
-from _cluster_utils import start_ray_head, stop_process_group, stop_ray_head
+from _cluster_utils import start_mlflow_server, start_ray_head, stop_process_group, stop_ray_head
 from _s3_utils import start_s3_server, stop_s3_server
 
 
@@ -56,31 +51,9 @@ def s3_ray_head(s3):
 def s3_mlflow_server(s3, tmp_path_factory):
     """``mlflow server`` whose artifact store is ``s3://<bucket>/mlartifacts`` (it finds the server
     through MLFLOW_S3_ENDPOINT_URL and the key pair in its environment); yields its http:// URI."""
-    from _cluster_utils import free_port
-
     root = tmp_path_factory.mktemp("s3_mlflow")
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", f"s3://{s3.bucket}/mlartifacts", "--workers", "1"]  # fmt: skip
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError("mlflow server did not become healthy in 240 s") from None
-            time.sleep(0.5)
+    uri, proc = start_mlflow_server(root, f"s3://{s3.bucket}/mlartifacts")
     try:
         yield uri
     finally:
         stop_process_group(proc)
-        log.close()
