@@ -650,6 +650,30 @@ def _lost_worker(e: BaseException) -> bool:
     return False
 
 
+def _alive_cpus() -> float:
+    """CPUs of the nodes the GCS holds alive (``ray.cluster_resources()`` can still count a dead node's)."""
+    return sum(float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
+
+
+def _actors_that_fit(n_actors: int, gpus: float, cpus: float, wait_s: float = 60.0) -> int:
+    """After a lost actor or node: how many CPU actors the cluster that is left holds beside one CPU for
+    the read and preprocess tasks, once the failed stream's actors have given their CPUs back.
+
+    Both halves matter on a small cluster: two 1-CPU actors restarted on the 2-CPU node that is left
+    (``cluster_resources()`` still counting the dead node), or one new actor beside one not yet
+    released, leave no CPU for the reads and the stream never starts. Waits at most ``wait_s``.
+    """
+    if gpus > 0:
+        return n_actors
+    deadline = time.monotonic() + wait_s
+    while True:
+        n = max(1, min(n_actors, int((_alive_cpus() - 1) // cpus)))
+        free = float(ray.available_resources().get("CPU", 0))
+        if free >= n * cpus + 1 or time.monotonic() > deadline:
+            return n
+        time.sleep(0.5)
+
+
 def _encode_chunks(
     source, todo, out: _Output, cfg: EncodeConfig, text: bool, n_actors: int, gpus: float, cpus: float
 ) -> None:
@@ -674,9 +698,7 @@ def _encode_chunks(
                     f"{cfg.max_failures}); {len(left)} parts unfinished in {out.uri}: run the same "
                     "command again to finish them (finished parts are kept)"
                 ) from None
-            left_cpus = float(ray.cluster_resources().get("CPU", 1))
-            if gpus == 0 and n_actors * cpus > left_cpus - 1:
-                n_actors = max(1, int((left_cpus - 1) // cpus))
+            n_actors = _actors_that_fit(n_actors, gpus, cpus)
             log.warning(
                 "encode: lost an encoder actor or node (%s); restarting from the %d unfinished parts "
                 "with %d actor(s) (failure %d of %d)",

@@ -199,3 +199,77 @@ def test_logging_into_a_given_run_that_fails_is_an_error_not_a_warning(tmp_path)
     # A standalone evaluation (no run given) keeps its report and only warns.
     assert log_evaluation(EvalConfig(samples=str(tmp_path), reference="r", classifier="c",
                                      tracking_uri="sqlite:////proc/no-such-dir/m.db"), report, {}) is None  # fmt: skip
+
+
+_DYING_WATCHER = """
+import sys, time
+from pipelines import scheduled_eval as se
+
+run_dir, uri, experiment, started = sys.argv[1:5]
+
+def slow(ref, run_id):
+    open(started, "w").write(run_id)
+    time.sleep(600)  # killed long before this ends
+
+se.watch(run_dir, slow, tracking_uri=uri, experiment=experiment, claim_timeout_s=4.0, settle_s=0.1)
+"""
+
+
+def test_watcher_killed_mid_evaluation_its_claim_is_taken_over_after_the_timeout(
+    mlflow_server, training_run, tmp_path
+):
+    """A watcher process SIGKILLed mid-evaluation (what its node's death does to it: no cleanup, no
+    final tag) leaves a live-looking claim; a restarted watcher leaves it alone while its heartbeat is
+    younger than the claim timeout, then takes it over, and every checkpoint is evaluated exactly once."""
+    import signal
+    import subprocess
+    import sys
+
+    client, train_id = training_run
+    run_dir = _fake_run_dir(tmp_path / "run", [10, 20], train_id)
+    experiment = f"eval-{tmp_path.name}"
+    started = tmp_path / "started"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DYING_WATCHER, run_dir, mlflow_server, experiment, str(started)],
+        cwd=root, start_new_session=True, env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not started.exists():
+            assert proc.poll() is None, f"the watcher exited with {proc.returncode} before evaluating"
+            assert time.time() < deadline, "the watcher never started an evaluation"
+            time.sleep(0.1)
+        time.sleep(1.5)  # a heartbeat or two (every claim_timeout / 4 = 1 s)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    killed_at = time.time()
+    dead_claim = started.read_text()
+    protocol = se.ClaimProtocol(client, experiment, claim_timeout_s=4.0)
+    ref10 = next(r for r in se.find_checkpoints(run_dir)[0] if r.step == 10)
+    assert client.get_run(dead_claim).data.tags[se.TAG_STEP] == "10"
+
+    # The restarted watcher: step 20 (never reached) at once; step 10 only once its claim is stale.
+    recorder = Recorder(delay=0)
+    kwargs = dict(tracking_uri=mlflow_server, experiment=experiment, claim_timeout_s=4.0, settle_s=0.1)
+    first = se.watch(run_dir, recorder, **kwargs)
+    assert [r["step"] for r in first] == [20], first
+    taken_over = None
+    while taken_over is None:
+        assert time.time() < killed_at + 30, "the dead watcher's claim was never taken over"
+        if [r["step"] for r in se.watch(run_dir, recorder, **kwargs)] == [10]:
+            taken_over = time.time() - killed_at
+        time.sleep(0.2)
+    # Its last heartbeat was at most 1 s before the kill: stale after 3-4 s, never before.
+    assert 2.5 < taken_over < 4.0 + 10, taken_over
+    print(f"claim taken over {taken_over:.1f} s after the watcher was killed (claim timeout 4 s)")
+    assert sorted(step for step, _, _ in recorder.calls) == [10, 20]
+    done = client.search_runs(
+        [client.get_experiment_by_name(experiment).experiment_id],
+        filter_string="tags.`vitdit.eval.state` = 'done'",
+    )
+    assert sorted(int(r.data.tags[se.TAG_STEP]) for r in done) == [10, 20]
+    assert dead_claim not in {r.info.run_id for r in done}
+    assert client.get_run(dead_claim).data.tags[se.TAG_STATE] == se.CLAIMED  # nobody wrote for the dead one
+    assert protocol.status(ref10.key) == se.DONE

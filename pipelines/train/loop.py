@@ -247,7 +247,7 @@ def _make_trainer(plan: WorkerPlan, datasets: dict[str, Any]):
         ),
         run_config=ray.train.RunConfig(
             name=f"{plan.task.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=join(cfg.output, "_ray"),
+            **_ray_storage(join(cfg.output, "_ray")),
             failure_config=ray.train.FailureConfig(
                 max_failures=cfg.max_failures,
                 # Each failed start of the worker group (no room for it, e.g. a lost node not yet
@@ -260,6 +260,18 @@ def _make_trainer(plan: WorkerPlan, datasets: dict[str, Any]):
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
+
+
+def _ray_storage(storage: str) -> dict[str, Any]:
+    """RunConfig's storage for Ray Train's own files: a local path, or for object storage the path inside
+    vitdit's filesystem (``pipelines.storage.filesystem``: bounded S3 timeouts), not Ray's default one
+    (pyarrow's defaults: 100 s for one call against an endpoint that never answers)."""
+    if not is_uri(storage):
+        return {"storage_path": storage}
+    from pipelines.storage import filesystem
+
+    fs, path = filesystem(storage)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _worker_group_start_timeout_s() -> float:

@@ -84,13 +84,6 @@ def test_encode_spreads_its_actors_over_both_nodes(two_nodes, digits_root, tiny_
 
 @pytest.mark.slow
 @pytest.mark.heavy
-@pytest.mark.xfail(
-    strict=False,
-    run=False,
-    reason="known hang, to fix: in some runs the stream restarted after the node loss never "
-    "starts on the surviving 2-CPU head (its read task backpressured, Preprocess given no CPU); seen "
-    "in a clean-clone CI run on 2026-12-04, passed in the helper's runs",
-)
 def test_node_killed_mid_encode_then_a_rerun_has_each_id_exactly_once(
     two_nodes, digits_root, tiny_vae_dir, tmp_path
 ):
