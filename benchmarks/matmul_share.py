@@ -66,9 +66,9 @@ def _matmul_flops(name: str, shapes: list) -> float:
 
 def profile_matmuls(step: Callable[[], None], steps: int) -> dict:
     """Per step: seconds of matmul self time and the matmuls' FLOPs, under torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
     import time
+
+    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()

@@ -60,34 +60,43 @@ def make_images(root: str, n: int, resolution: int = 64) -> str:
 
 
 class PeakRSS:
-    """Summed RSS of every process of the given nodes (tests/_two_nodes.py: node_processes), sampled
-    from a thread."""
+    """Summed RSS and PSS of every process of the given nodes (tests/_two_nodes.py: node_processes),
+    sampled from a thread.
+
+    RSS counts a shared page once per process that maps it: the object store's shared memory read by
+    ten processes counts ten times, so the sum grows with how much of the store each process has
+    touched (up to the store's size), not only with what is held. PSS (proportional set size, from
+    /proc/PID/smaps_rollup) divides each shared page among the processes that map it: its sum is the
+    memory the nodes use.
+    """
 
     def __init__(self, node_pids: list[int], every_s: float = 0.25):
         self.node_pids, self.every_s = list(node_pids), every_s
-        self.peak = 0
+        self.peak = self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, int]:
         import psutil
         from _two_nodes import node_processes
 
-        total = 0
+        rss = pss = 0
         for p in node_processes(self.node_pids):
             try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
+                full = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        return total
+            rss, pss = rss + full.rss, pss + getattr(full, "pss", full.rss)
+        return rss, pss
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            rss, pss = self._sample()
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self._stop.wait(self.every_s)
 
     def __enter__(self):
-        self.baseline = self._sample()
+        self.baseline, self.baseline_pss = self._sample()
         self._thread.start()
         return self
 
@@ -118,6 +127,39 @@ def encode_once(cluster, images: str, vae: str, out: str, num_actors: int) -> di
         "img_per_s_stream": round(summary["encoded"] / summary["seconds"], 1),
         "idle_rss_mb": round(mem.baseline / 2**20),
         "peak_rss_mb": round(mem.peak / 2**20),
+        "idle_pss_mb": round(mem.baseline_pss / 2**20),
+        "peak_pss_mb": round(mem.peak_pss / 2**20),
+    }
+
+
+def train_once(
+    cluster, latents: str, out: str, tracking_uri: str, rows: int, global_batch: int = 512
+) -> dict:
+    """One epoch of ``vitdit train dit`` over ``rows`` latent rows with the in-memory cache off
+    (``--cache-rows 0``: every epoch streams from Ray Data), two workers spread over the nodes."""
+    from pipelines.submit import submit
+
+    steps = rows // global_batch
+    args = ["--latents", latents, "--model", "DiT-test/2", "--output", out, "--val-fraction", "0",
+            "--steps", str(steps), "--global-batch-size", str(global_batch), "--cache-rows", "0",
+            "--num-workers", "2", "--cpus-per-worker", "1", "--placement", "spread", "--precision", "fp32",
+            "--checkpoint-every", str(steps), "--eval-every", str(10 * steps), "--log-every", str(steps),
+            "--tracking-uri", tracking_uri, "--experiment", "scale-train"]  # fmt: skip
+    log = io.StringIO()
+    with PeakRSS([cluster.head.pid, *(w.pid for w in cluster.workers)]) as mem:
+        t0 = time.perf_counter()
+        outcome = submit(cluster.address, "train_dit", args, working_dir=ROOT, out=log, timeout_s=1800)
+        wall = time.perf_counter() - t0
+    if outcome.status != "SUCCEEDED":
+        raise RuntimeError(f"train failed: {log.getvalue()[-3000:]}")
+    return {
+        "rows": rows,
+        "steps": steps,
+        "job_s": round(wall, 1),
+        "idle_rss_mb": round(mem.baseline / 2**20),
+        "peak_rss_mb": round(mem.peak / 2**20),
+        "idle_pss_mb": round(mem.baseline_pss / 2**20),
+        "peak_pss_mb": round(mem.peak_pss / 2**20),
     }
 
 

@@ -108,11 +108,20 @@ def read_train_log(output: str) -> dict[int, float]:
     return losses
 
 
-def write_digit_latents(out_dir: str, vae_dir: str, n: int = 512, flips: bool = False) -> str:
-    """A small latent data set of the real digits (16 px) encoded by a saved diffusers VAE.
+def write_digit_latents(
+    out_dir: str,
+    vae_dir: str,
+    n: int = 512,
+    flips: bool = False,
+    resolution: int = 16,
+    part_rows: int | None = None,
+) -> str:
+    """A latent data set of the real digits (16 px unless told) encoded by a saved diffusers VAE.
 
     Written in-process with pyarrow in the layout of ``vitdit.latents`` (what ``vitdit encode``
-    writes), so DiT tests need no encode job.
+    writes), so DiT tests need no encode job. More rows than the 1,797 digits repeat them under new
+    ids (larger-than-memory checks); ``part_rows`` splits the rows into parts of that size (default:
+    two halves).
     """
     import os
 
@@ -125,13 +134,19 @@ def write_digit_latents(out_dir: str, vae_dir: str, n: int = 512, flips: bool = 
     from vitdit.digits import CLASS_NAMES, digits_arrays
     from vitdit.vae import encode_posterior, load_vae, vae_identity
 
-    images, labels = digits_arrays(16)
+    images, labels = digits_arrays(resolution)
     images, labels = images[:n], labels[:n]
     vae = load_vae(vae_dir)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # N, 3, 16, 16 in [-1, 1]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # N, 3, R, R in [-1, 1]
     mean, std = encode_posterior(vae, x)
+    if n > len(labels):  # the digits again, under new ids
+        reps = -(-n // len(labels))
+        x = x.repeat(reps, 1, 1, 1)[:n] if flips else x  # only the mirrored latents need it
+        labels = np.tile(labels, reps)[:n]
+        mean, std = mean.repeat(reps, 1, 1, 1)[:n], std.repeat(reps, 1, 1, 1)[:n]
+    width = max(5, len(str(n - 1)))
     columns = {
-        L.ID: pa.array([f"digit/{i:05d}.png" for i in range(len(labels))]),
+        L.ID: pa.array([f"digit/{i:0{width}d}.png" for i in range(len(labels))]),
         L.LABEL: pa.array(labels.astype(np.int32)),
         L.MEAN: ArrowTensorArray.from_numpy(mean.numpy().astype(np.float16)),
         L.STD: ArrowTensorArray.from_numpy(std.numpy().astype(np.float16)),
@@ -142,7 +157,9 @@ def write_digit_latents(out_dir: str, vae_dir: str, n: int = 512, flips: bool = 
         columns[L.STD_FLIP] = ArrowTensorArray.from_numpy(std_f.numpy().astype(np.float16))
     os.makedirs(out_dir, exist_ok=True)
     parts = []
-    for p, sl in enumerate((slice(0, n // 2), slice(n // 2, n))):
+    n = len(labels)
+    bounds = [0, n // 2, n] if part_rows is None else [*range(0, n, part_rows), n]
+    for p, sl in enumerate(slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])):
         name = f"{L.PART_PREFIX}{p:05d}.parquet"
         pq.write_table(pa.table({k: v[sl] for k, v in columns.items()}), os.path.join(out_dir, name))
         parts.append({"path": name, "num_rows": sl.stop - sl.start})
@@ -151,7 +168,7 @@ def write_digit_latents(out_dir: str, vae_dir: str, n: int = 512, flips: bool = 
         latent_shape=tuple(mean.shape[1:]),
         storage_dtype="float16",
         vae=vae_identity(vae, vae_dir),
-        resolution=16,
+        resolution=resolution,
         class_names=list(CLASS_NAMES),
         flips=flips,
         source_uri="sklearn:digits",

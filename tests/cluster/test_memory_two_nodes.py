@@ -1,9 +1,10 @@
 """More data than memory: encoding 4N images on the two-node cluster (200 MB object store per node)
 peaks at no more memory than N images (within 1.3×): the stream holds a bounded number of batches
-whatever the data size. Memory is the summed RSS of every process of both nodes (benchmarks/scale.py
-says what that counts).
+whatever the data size. The same for an epoch of training with the in-memory cache off, on 4N latent
+rows (64 px digits: 16 KiB a row, 4N = 375 MiB, about the two object stores together) against N.
+Memory is the summed RSS of every process of both nodes (benchmarks/scale.py says what that counts).
 
-Budget: ``slow``, ~2-3 minutes (two encode jobs, 500 and 2,000 images at 64 px).
+Budget: ``slow``, ~4-5 minutes (two encode jobs, 500 and 2,000 images at 64 px; two training jobs).
 """
 
 from __future__ import annotations
@@ -32,3 +33,30 @@ def test_encode_peak_memory_does_not_grow_with_the_data(two_nodes, tiny_vae_dir,
           f"{large['peak_rss_mb']} MB for {4 * n} (idle {small['idle_rss_mb']} MB)")  # fmt: skip
     assert (small["images"], large["images"]) == (n, 4 * n)
     assert large["peak_rss_mb"] <= 1.3 * small["peak_rss_mb"], (small, large)
+
+
+def test_streaming_training_peak_memory_does_not_grow_with_the_data(
+    two_nodes, tiny_vae_dir, mlflow_server, tmp_path
+):
+    from _train_utils import write_digit_latents
+
+    from benchmarks.scale import train_once
+
+    n = 6_144  # 12 steps of 512; 4N = 48 steps
+    runs = []
+    for rows in (n, 4 * n):
+        latents = write_digit_latents(str(tmp_path / f"latents-{rows}"), tiny_vae_dir, n=rows, resolution=64,
+                                      part_rows=1_024)  # fmt: skip
+        runs.append(train_once(two_nodes, latents, str(tmp_path / f"dit-{rows}"), mlflow_server, rows))
+    small, large = runs
+    print(f"training, one streamed epoch: {n} rows peak RSS {small['peak_rss_mb']} MB, PSS {small['peak_pss_mb']} MB; "
+          f"{4 * n} rows RSS {large['peak_rss_mb']} MB, PSS {large['peak_pss_mb']} MB "
+          f"(idle RSS {small['idle_rss_mb']}, PSS {small['idle_pss_mb']} MB)")  # fmt: skip
+    assert (small["steps"], large["steps"]) == (12, 48)
+    # PSS, not RSS: the summed RSS grows with how much of the object store each process has touched
+    # (benchmarks/scale.py, PeakRSS), which grows with the data up to the store's size.
+    assert large["peak_pss_mb"] <= 1.3 * small["peak_pss_mb"], (small, large)
+    # Measured 2026-12-04 (idle 2-core EPYC): PSS 5,287 MB for N, 6,098 MB for 4N (1.15x), RSS 1.23x. The
+    # +0.8 GB is not the data (4N is 384 MB of latents): the object stores fill to their 2 x 200 MB and
+    # more read-task worker processes start over 24 parts than over 6. A cache holding the data would add
+    # its 384 MB on top, which this ratio alone would not catch on a data set this small.
