@@ -244,6 +244,7 @@ def _all_artifacts(client, run_id: str, path: str | None = None) -> list:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # 107 s: the digits smoke above is the default run's one end-to-end quickstart
 def test_numbers_quickstart_smoke_reports_number_accuracy_and_the_held_out_grid(
     ray_session, mlflow_server, tmp_path, capsys
 ):
