@@ -125,10 +125,56 @@ def test_worker_node_killed_mid_training_the_run_resumes_on_the_node_left(
     assert steps == list(range(5, STEPS + 1, 5)), steps  # every step once in MLflow
 
 
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_node_lost_with_no_room_left_stops_with_how_to_resume_and_the_resume_finishes(
+    two_nodes, latents, mlflow_server, tmp_path
+):
+    """End to end: the one training worker needs 3 CPUs, which only an added 3-CPU node (logical CPUs)
+    has; the head and the other worker node (2 each) run the data stream. That node is killed: no node
+    left has room, so after --node-wait-s the job stops with the line that says how to resume. A
+    replacement node joins, the same command with --resume finishes the run, every step logged once."""
+    out = str(tmp_path / "dit")
+    experiment = "two-nodes-no-room"
+    args = train_args(latents, out, mlflow_server, experiment, "pack", 3)
+    args[args.index("--num-workers") + 1] = "1"
+    args += ["--node-wait-s", "10"]  # with the nodes' 5 s worker-group start timeout: 2 tries
+    big = two_nodes.start_worker(num_cpus=3)
+    first = submit(two_nodes.address, "train_dit", args, working_dir=ROOT, wait=False, out=None)
+    ckpt = os.path.join(out, "checkpoint_00000020")
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(ckpt, "config.json")):
+        assert time.time() < deadline, "no checkpoint in 240 s"
+        time.sleep(0.1)
+    killed_at = time.time()
+    two_nodes.kill_worker(big)
+    log = io.StringIO()
+    outcome = wait_for_job(_client(two_nodes.address), first.submission_id, out=log, timeout_s=300)
+    stopped_after = time.time() - killed_at
+    print(
+        f"no room after the node loss: the job ended {stopped_after:.0f} s after the kill: {outcome.status}"
+    )
+    assert outcome.status == "FAILED", log.getvalue()[-3000:]
+    text = log.getvalue()
+    assert "training stopped: the cluster had no room for --num-workers 1 × --cpus-per-worker 3" in text, (
+        text[-3000:]
+    )
+    assert f"--resume {out}" in text and "checkpoint_000000" in text
+    assert "Traceback" not in text.split("training stopped:")[-1]  # the line, not a stack dump, ends it
+    assert stopped_after < 120
+    # As the line says: once the cluster has room again, the same command with --resume.
+    two_nodes.start_worker(num_cpus=3)
+    rerun_log = io.StringIO()
+    again = submit(two_nodes.address, "train_dit", [*args, "--resume", out], working_dir=ROOT, out=rerun_log,
+                   timeout_s=300, submission_id=first.submission_id + "-resume")  # fmt: skip
+    assert again.status == "SUCCEEDED", rerun_log.getvalue()[-3000:]
+    assert os.path.isdir(os.path.join(out, f"checkpoint_{STEPS:08d}"))
+    assert sorted(read_train_log(out)) == list(range(5, STEPS + 1, 5))  # raises on a step logged twice
+
+
 def test_no_room_to_restart_stops_with_how_to_resume(tmp_path):
     """What fit raises when the workers found no room within --node-wait-s becomes one line that says
-    how to resume (the e2e case needs a cluster whose survivor cannot hold the workers but can still
-    feed a Ray Data stream; on 2 cores that is not buildable: the stream itself then gets no CPU)."""
+    how to resume; the unit form of the slow end-to-end test above (fast, in the default run)."""
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
     from ray.train.v2.api.exceptions import ControllerError
 
