@@ -105,19 +105,32 @@ class PeakRSS:
         self._thread.join()
 
 
-def encode_once(cluster, images: str, vae: str, out: str, num_actors: int) -> dict:
+def submit_measured(cluster, job: str, args: list[str]) -> tuple[str, float, dict]:
+    """Submit ``job`` to the cluster and wait: (its log, wall seconds, idle and peak RSS/PSS in MB of
+    every process of the nodes while it ran). Raises when the job does not succeed."""
     from pipelines.submit import submit
 
-    args = ["--input", images, "--output", out, "--vae", vae, "--resolution", "64", "--part-size", "200",
-            "--batch-size", "32", "--num-actors", str(num_actors), "--num-cpus-per-actor", "1"]  # fmt: skip
     log = io.StringIO()
     with PeakRSS([cluster.head.pid, *(w.pid for w in cluster.workers)]) as mem:
         t0 = time.perf_counter()
-        outcome = submit(cluster.address, "encode_latents", args, working_dir=ROOT, out=log, timeout_s=1800)
+        outcome = submit(cluster.address, job, args, working_dir=ROOT, out=log, timeout_s=1800)
         wall = time.perf_counter() - t0
     if outcome.status != "SUCCEEDED":
-        raise RuntimeError(f"encode failed: {log.getvalue()[-3000:]}")
-    line = next(x for x in log.getvalue().splitlines() if x.startswith("encode: read"))
+        raise RuntimeError(f"{job} failed: {log.getvalue()[-3000:]}")
+    memory = {
+        "idle_rss_mb": round(mem.baseline / 2**20),
+        "peak_rss_mb": round(mem.peak / 2**20),
+        "idle_pss_mb": round(mem.baseline_pss / 2**20),
+        "peak_pss_mb": round(mem.peak_pss / 2**20),
+    }
+    return log.getvalue(), wall, memory
+
+
+def encode_once(cluster, images: str, vae: str, out: str, num_actors: int) -> dict:
+    args = ["--input", images, "--output", out, "--vae", vae, "--resolution", "64", "--part-size", "200",
+            "--batch-size", "32", "--num-actors", str(num_actors), "--num-cpus-per-actor", "1"]  # fmt: skip
+    log, wall, memory = submit_measured(cluster, "encode_latents", args)
+    line = next(x for x in log.splitlines() if x.startswith("encode: read"))
     summary = json.loads(line[line.index("{") :])
     return {
         "images": summary["encoded"],
@@ -125,10 +138,7 @@ def encode_once(cluster, images: str, vae: str, out: str, num_actors: int) -> di
         "stream_s": summary["seconds"],
         "img_per_s_job": round(summary["encoded"] / wall, 1),
         "img_per_s_stream": round(summary["encoded"] / summary["seconds"], 1),
-        "idle_rss_mb": round(mem.baseline / 2**20),
-        "peak_rss_mb": round(mem.peak / 2**20),
-        "idle_pss_mb": round(mem.baseline_pss / 2**20),
-        "peak_pss_mb": round(mem.peak_pss / 2**20),
+        **memory,
     }
 
 
@@ -137,30 +147,14 @@ def train_once(
 ) -> dict:
     """One epoch of ``vitdit train dit`` over ``rows`` latent rows with the in-memory cache off
     (``--cache-rows 0``: every epoch streams from Ray Data), two workers spread over the nodes."""
-    from pipelines.submit import submit
-
     steps = rows // global_batch
     args = ["--latents", latents, "--model", "DiT-test/2", "--output", out, "--val-fraction", "0",
             "--steps", str(steps), "--global-batch-size", str(global_batch), "--cache-rows", "0",
             "--num-workers", "2", "--cpus-per-worker", "1", "--placement", "spread", "--precision", "fp32",
             "--checkpoint-every", str(steps), "--eval-every", str(10 * steps), "--log-every", str(steps),
             "--tracking-uri", tracking_uri, "--experiment", "scale-train"]  # fmt: skip
-    log = io.StringIO()
-    with PeakRSS([cluster.head.pid, *(w.pid for w in cluster.workers)]) as mem:
-        t0 = time.perf_counter()
-        outcome = submit(cluster.address, "train_dit", args, working_dir=ROOT, out=log, timeout_s=1800)
-        wall = time.perf_counter() - t0
-    if outcome.status != "SUCCEEDED":
-        raise RuntimeError(f"train failed: {log.getvalue()[-3000:]}")
-    return {
-        "rows": rows,
-        "steps": steps,
-        "job_s": round(wall, 1),
-        "idle_rss_mb": round(mem.baseline / 2**20),
-        "peak_rss_mb": round(mem.peak / 2**20),
-        "idle_pss_mb": round(mem.baseline_pss / 2**20),
-        "peak_pss_mb": round(mem.peak_pss / 2**20),
-    }
+    _, wall, memory = submit_measured(cluster, "train_dit", args)
+    return {"rows": rows, "steps": steps, "job_s": round(wall, 1), **memory}
 
 
 def main(argv: list[str] | None = None) -> int:

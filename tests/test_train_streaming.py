@@ -23,8 +23,6 @@ pytestmark = pytest.mark.ray
 
 
 def test_streaming_epochs_see_every_row_exactly_once_across_two_workers(ray_session, tiny_vae_dir, tmp_path):
-    import ray
-
     def row_number(batch):  # digit/00012.png -> 12 (tensors only past here); nested: pickled by value
         rows = np.array([int(i.rsplit("/", 1)[1].split(".")[0]) for i in batch[L.ID]], dtype=np.int64)
         return {"row": rows, **{k: v for k, v in batch.items() if k != L.ID}}
@@ -59,7 +57,6 @@ def test_streaming_epochs_see_every_row_exactly_once_across_two_workers(ray_sess
     for t in threads:
         t.join(300)
     assert not errors, errors
-    assert ray.is_initialized()
     for e in range(epochs):
         rows = [r for rank in range(workers) for r in seen[rank][e]]
         assert len(rows) == n and sorted(rows) == list(range(n)), f"epoch {e}: rows lost or seen twice"

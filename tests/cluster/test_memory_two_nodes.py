@@ -1,8 +1,9 @@
 """More data than memory: encoding 4N images on the two-node cluster (200 MB object store per node)
 peaks at no more memory than N images (within 1.3×): the stream holds a bounded number of batches
 whatever the data size. The same for an epoch of training with the in-memory cache off, on 4N latent
-rows (64 px digits: 16 KiB a row, 4N = 375 MiB, about the two object stores together) against N.
-Memory is the summed RSS of every process of both nodes (benchmarks/scale.py says what that counts).
+rows (64 px digits: 16 KiB a row, 4N = 384 MiB, about the two object stores together) against N.
+Memory is summed over every process of both nodes: RSS for encode, PSS for training (benchmarks/scale.py,
+PeakRSS, says what each counts).
 
 Budget: ``slow``, ~4-5 minutes (two encode jobs, 500 and 2,000 images at 64 px; two training jobs).
 """
@@ -57,6 +58,6 @@ def test_streaming_training_peak_memory_does_not_grow_with_the_data(
     # (benchmarks/scale.py, PeakRSS), which grows with the data up to the store's size.
     assert large["peak_pss_mb"] <= 1.3 * small["peak_pss_mb"], (small, large)
     # Measured 2026-12-04 (idle 2-core EPYC): PSS 5,287 MB for N, 6,098 MB for 4N (1.15x), RSS 1.23x. The
-    # +0.8 GB is not the data (4N is 384 MB of latents): the object stores fill to their 2 x 200 MB and
-    # more read-task worker processes start over 24 parts than over 6. A cache holding the data would add
+    # +0.8 GB is more than the extra data (288 MB): likely the object stores filling to their 2 x 200 MB and
+    # more read-task workers over 24 parts than over 6 (not separated). A cache holding the data would add
     # its 384 MB on top, which this ratio alone would not catch on a data set this small.
