@@ -655,21 +655,42 @@ def _alive_cpus() -> float:
     return sum(float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
 
 
+def _node_death_s() -> float:
+    """At most how long the GCS takes to mark a killed node DEAD: its health check's failure threshold
+    times its period, plus one check's timeout (Ray's ``RAY_health_check_*`` settings, read as the
+    driver's Ray reads them; Ray 2.60's defaults give 3 s × 5 + 10 s = 25 s)."""
+    try:
+        from ray._raylet import Config
+
+        period, threshold = Config.health_check_period_ms(), Config.health_check_failure_threshold()
+        return (period * threshold + Config.health_check_timeout_ms()) / 1000
+    except Exception:  # a private API: should it move, Ray 2.60's defaults
+        return 25.0
+
+
 def _actors_that_fit(n_actors: int, gpus: float, cpus: float, wait_s: float = 60.0) -> int:
     """After a lost actor or node: how many CPU actors the cluster that is left holds beside one CPU for
     the read and preprocess tasks, once the failed stream's actors have given their CPUs back.
 
-    Both halves matter on a small cluster: two 1-CPU actors restarted on the 2-CPU node that is left
-    (``cluster_resources()`` still counting the dead node), or one new actor beside one not yet
-    released, leave no CPU for the reads and the stream never starts. Waits at most ``wait_s``.
+    Both halves matter on a small cluster: two 1-CPU actors restarted on the 2-CPU node that is left,
+    or one new actor beside one not yet released, leave no CPU for the reads and the stream never
+    starts. And the lost actor's error comes before the GCS knows its node is dead: until the GCS's
+    health check marks it (``_node_death_s``), the node table and ``ray.available_resources()``
+    still count the dead node's CPUs, free. So the count is trusted once a node has left the table or
+    that time has passed. Waits at most ``max(wait_s, _node_death_s())``.
     """
     if gpus > 0:
         return n_actors
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    settle_s = _node_death_s()
+    alive_before = _alive_cpus()
     while True:
-        n = max(1, min(n_actors, int((_alive_cpus() - 1) // cpus)))
+        alive = _alive_cpus()
+        n = max(1, min(n_actors, int((alive - 1) // cpus)))
         free = float(ray.available_resources().get("CPU", 0))
-        if free >= n * cpus + 1 or time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        settled = alive < alive_before or waited >= settle_s
+        if (settled and free >= n * cpus + 1) or waited > max(wait_s, settle_s):
             return n
         time.sleep(0.5)
 

@@ -488,25 +488,36 @@ def _local_model(name: str) -> str:
     return storage.local_dir(name) if storage.is_uri(name) and not name.startswith("file://") else name
 
 
-def _run_sampling_to_uri(cfg: SampleConfig) -> SampleResult:
-    """Sampling into object storage: into a local staging directory, then uploaded.
-
-    The staging directory is keyed by the output URI and first receives what the URI already holds,
-    so a re-run after a crash resumes from the samples that were uploaded (the upload happens once,
-    at the end: a run killed before it starts over). The MLflow run records the URI.
-    """
+def staging_dir(output: str) -> str:
+    """The local directory where samples for the URI ``output`` are made before the upload."""
     import hashlib
     import tempfile
 
-    stage = os.path.join(
-        tempfile.gettempdir(), "vitdit-staging", hashlib.sha256(cfg.output.encode()).hexdigest()[:20]
+    return os.path.join(
+        tempfile.gettempdir(), "vitdit-staging", hashlib.sha256(output.encode()).hexdigest()[:20]
     )
-    os.makedirs(stage, exist_ok=True)
+
+
+def _run_sampling_to_uri(cfg: SampleConfig) -> SampleResult:
+    """Sampling into object storage: into a local staging directory, then uploaded.
+
+    The staging directory is keyed by the output URI and starts as a copy of what the URI holds
+    (whatever an earlier run left in it locally is dropped: the URI is the truth, and a bucket
+    emptied or re-created since must not meet stale samples), so a re-run after a crash resumes from
+    the samples that were uploaded (the upload happens once, at the end: a run killed before it starts
+    over). It is removed after the upload. The MLflow run records the URI.
+    """
+    import shutil
+
+    stage = staging_dir(cfg.output)
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
     if storage.exists(cfg.output):
         storage.copy_dir(cfg.output, stage)
     result = run_sampling(dataclasses.replace(cfg, output=stage, mlflow=False))
     storage.copy_dir(stage, cfg.output)
     run_id = log_sampling(cfg, result.config, stage, result.seconds, where=cfg.output) if cfg.mlflow else None
+    shutil.rmtree(stage, ignore_errors=True)
     return dataclasses.replace(result, output=cfg.output, mlflow_run_id=run_id)
 
 

@@ -1,14 +1,13 @@
 """`vitdit train dit --num-workers 2` on two Ray nodes through the job API.
 
 - ``--placement spread`` puts one worker on each node; ``pack`` (Ray Train's default) puts both on
-  one; the two runs end with the same weights and the same MLflow metrics (data-parallel
-  training does not depend on where its ranks run).
-- The worker node SIGKILLed after the first checkpoint: Ray Train (``FailureConfig(max_failures=1)``)
-  restarts the worker group from that checkpoint on the node that is left (the two 0.5-CPU workers
-  fit there), every step is done and no step reaches MLflow twice.
-
-Budget: ~70 s in the default run (the node-loss test); the placement comparison (two more fits) is
-``slow``, ~80 s.
+  one. The spread run's worker node is SIGKILLed after the first checkpoint: Ray Train
+  (``FailureConfig(max_failures=1)``) restarts the worker group from that checkpoint on the node
+  that is left (the two 0.5-CPU workers fit there), every step is done and no step reaches MLflow
+  twice. Up to the kill it is the pack run exactly (weights, MLflow metrics): data-parallel training does
+  not depend on where its ranks run. One test, two fits: ~80 s of the default run.
+- No room left after the node loss: the job stops with the line that says how to resume (the unit
+  form in the default run, end to end in ``slow``, ~90 s).
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ def train_args(
         "--val-fraction", "0.1", "--grid-samples", "2", "--grid-steps", "2",
         "--steps", str(STEPS), "--global-batch-size", "32", "--lr", "2e-3", "--ema-decay", "0.9",
         "--num-workers", "2", "--cpus-per-worker", str(cpus), "--placement", placement,
-        "--precision", "fp32", "--checkpoint-every", "20", "--log-every", "5", "--eval-every", str(STEPS),
+        "--precision", "fp32", "--checkpoint-every", "20", "--keep-checkpoints", "3", "--log-every", "5", "--eval-every", str(STEPS),
         "--tracking-uri", mlflow, "--experiment", experiment,
     ]  # fmt: skip
 
@@ -69,32 +68,29 @@ def run_metrics(mlflow: str, experiment: str) -> dict[str, list[tuple[int, float
     }
 
 
-@pytest.mark.slow
-@pytest.mark.heavy
-def test_spread_puts_one_worker_per_node_and_trains_as_pack_does(two_nodes, latents, mlflow_server, tmp_path):
-    runs = {}
-    for placement in ("spread", "pack"):
-        out = str(tmp_path / placement)
-        log = io.StringIO()
-        args = train_args(latents, out, mlflow_server, f"two-nodes-{placement}", placement, 1)
-        outcome = submit(two_nodes.address, "train_dit", args, working_dir=ROOT, out=log, timeout_s=300)
-        assert outcome.status == "SUCCEEDED", log.getvalue()[-3000:]
-        runs[placement] = (out, worker_nodes(two_nodes.address, outcome.submission_id))
-    spread_nodes, pack_nodes = runs["spread"][1], runs["pack"][1]
-    assert len(spread_nodes) == 2 and set(spread_nodes) == two_nodes.alive_node_ids(), spread_nodes
-    assert len(pack_nodes) == 2 and len(set(pack_nodes)) == 1, pack_nodes
-    # Same checkpoints, same weights, same MLflow metrics, wherever the ranks ran.
-    spread_out, pack_out = runs["spread"][0], runs["pack"][0]
-    assert sorted(os.listdir(spread_out)) == sorted(os.listdir(pack_out))
-    a = load_file(os.path.join(spread_out, f"checkpoint_{STEPS:08d}", "model.safetensors"))
-    b = load_file(os.path.join(pack_out, f"checkpoint_{STEPS:08d}", "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert run_metrics(mlflow_server, "two-nodes-spread") == run_metrics(mlflow_server, "two-nodes-pack")
+def weights(out: str, step: int) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, f"checkpoint_{step:08d}", "model.safetensors"))
 
 
-def test_worker_node_killed_mid_training_the_run_resumes_on_the_node_left(
+def test_spread_and_pack_train_alike_and_a_node_killed_mid_training_resumes_on_the_node_left(
     two_nodes, latents, mlflow_server, tmp_path
 ):
+    """``--placement pack`` puts both workers on one node, uninterrupted. ``spread`` puts one on each
+    node: up to checkpoint 20 it trains exactly as pack does (weights, MLflow metrics). Then its worker
+    node is SIGKILLed and Ray Train restarts the group on the head from that checkpoint: every step is
+    done, each reaches MLflow once.
+
+    Not asserted: that the restarted run ends with the pack run's weights. Measured 2026-12-04, it does
+    not: the loss at step 25 was 0.41114 against 0.41162 uninterrupted (a 2-worker restart is close,
+    not bit-exact; the 1-worker restart is exact, tests/test_train_faults.py). Cause not found."""
+    pack_out = str(tmp_path / "pack")
+    log = io.StringIO()
+    pack_args = train_args(latents, pack_out, mlflow_server, "two-nodes-pack", "pack", 0.5)
+    pack = submit(two_nodes.address, "train_dit", pack_args, working_dir=ROOT, out=log, timeout_s=300)
+    assert pack.status == "SUCCEEDED", log.getvalue()[-3000:]
+    pack_nodes = worker_nodes(two_nodes.address, pack.submission_id)
+    assert len(pack_nodes) == 2 and len(set(pack_nodes)) == 1, pack_nodes
+
     out = str(tmp_path / "dit")
     experiment = "two-nodes-node-loss"
     args = train_args(latents, out, mlflow_server, experiment, "spread", 0.5)
@@ -123,6 +119,13 @@ def test_worker_node_killed_mid_training_the_run_resumes_on_the_node_left(
     metrics = run_metrics(mlflow_server, experiment)
     steps = [s for s, _ in metrics["train/loss"]]
     assert steps == list(range(5, STEPS + 1, 5)), steps  # every step once in MLflow
+    # Up to the kill, the spread run is the pack run: same checkpoint, same metrics.
+    assert sorted(os.listdir(out)) == sorted(os.listdir(pack_out))
+    a, b = weights(out, 20), weights(pack_out, 20)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pack_metrics = run_metrics(mlflow_server, "two-nodes-pack")
+    for key in ("train/loss", "train/grad_norm"):
+        assert [m for m in metrics[key] if m[0] <= 20] == [m for m in pack_metrics[key] if m[0] <= 20], key
 
 
 @pytest.mark.slow
