@@ -9,7 +9,9 @@ evaluates the run's checkpoints into the bucket, a second finds nothing to do) a
 --resume s3://.../checkpoint_00000003`.
 
 Two forms:
-- ``compact`` (default run): encode, DiT (5 steps, checkpoints 3 and 5), sample, evaluate. The VAE is
+- ``compact`` (default run): encode, DiT (5 steps, checkpoints 3 and 5), sample, evaluate. The encode
+  stage's command is run first, its driver SIGKILLed once a part is in the bucket, and run again:
+  each id exactly once, and the pipeline finds the stage complete. The VAE is
   written to the bucket in-process by the VAE stage's own ``save_vae``, the classifier is a ViT
   checkpoint made here and uploaded: their stages' Ray Train fits take the DiT's path to the bucket. The resume from the bucket's checkpoint 3 must end with the weights of the uninterrupted
   run's checkpoint 5. Measured 2026-12-04 on the idle 2-core EPYC: see ``test_s3_pipeline``'s
@@ -21,13 +23,16 @@ Two forms:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from _s3_utils import upload_digits_subset
@@ -37,6 +42,65 @@ from pipelines import storage
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FULL = ("vae", "encode", "vit", "dit", "sample", "evaluate")
 COMPACT = ("encode", "dit", "sample", "evaluate")
+
+
+def _encode_killed_then_rerun(s3, recipe_raw: dict, head, tmp_path) -> list[str]:
+    """The recipe's encode stage, its driver SIGKILLed once the first part is in the bucket, then the
+    same command again: the second finishes from the parts the first wrote, each id exactly once.
+    The drivers join ``head`` (whose workers have the S3 variables) as a `ray job submit` driver
+    would. Returns both drivers' logs."""
+    from pipelines.recipe import STAGES as RECIPE_STAGES
+    from pipelines.recipe import parse_recipe, stage_argv
+
+    recipe = parse_recipe(recipe_raw)
+    argv = [
+        *stage_argv(recipe, next(s for s in RECIPE_STAGES if s.name == "encode")),
+        "--address",
+        head.gcs_address,
+    ]
+    out = argv[argv.index("--output") + 1]
+    progress = out.split(f"s3://{s3.bucket}/")[1] + "/_progress/chunk-"
+
+    def markers() -> list[str]:  # finished parts (a ``.json.tmp-*`` is one being written)
+        return [k for k in s3.keys(progress) if k.endswith(".json")]
+
+    def encode(log_name: str) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        log = open(tmp_path / log_name, "wb")
+        return subprocess.Popen([sys.executable, "-m", "jobs.encode_latents", *argv], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+    proc = encode("encode-first.log")
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None and not markers():
+            time.sleep(0.2)
+        first = (tmp_path / "encode-first.log").read_text()
+        assert proc.poll() is None, f"driver ended before the first part: {first[-3000:]}"
+        assert markers(), "no finished part within 150 s"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not storage.exists(f"{out}/manifest.json")
+    done_before = len(markers())
+    images = [k for k in s3.keys(recipe_raw["inputs"]["images"].split(f"s3://{s3.bucket}/")[1] + "/train/")
+              if k.endswith(".png")]  # fmt: skip
+    n_parts = -(-len(images) // 4)
+    assert 1 <= done_before < n_parts, (done_before, n_parts)
+
+    again = encode("encode-second.log")
+    assert again.wait(300) == 0, (tmp_path / "encode-second.log").read_text()[-3000:]
+    second = (tmp_path / "encode-second.log").read_text()
+    assert f"{done_before} resumed" in second, second[-2000:]
+    ids = []
+    fs, _ = storage.filesystem(out)
+    for key in sorted(k for k in s3.keys(out.split(f"s3://{s3.bucket}/")[1] + "/") if k.endswith(".parquet")):
+        ids += pq.read_table(f"{s3.bucket}/{key}", filesystem=fs, columns=["id"]).column("id").to_pylist()
+    expected = sorted(k.split("/train/")[1] for k in images)
+    assert len(ids) == len(set(ids)) and sorted(ids) == expected  # each id exactly once
+    return [first, second]
 
 
 def _pipeline(recipe_path: str, head) -> subprocess.CompletedProcess:
@@ -87,6 +151,7 @@ def test_pipeline_on_s3_through_the_job_api_then_skips(
         storage.copy_dir(make_vit_checkpoint(str(tmp_path / "vit")), classifier)
         raw["inputs"]["classifier"] = classifier
         raw["stages"]["dit"].update(steps=5, checkpoint_every=3)
+        raw["stages"]["encode"]["part_size"] = 4  # 40 parts: the kill below lands mid-run
     else:
         classifier = f"{workdir}/vit/checkpoint_00000003"
     last = raw["stages"]["dit"]["steps"]
@@ -101,6 +166,10 @@ def test_pipeline_on_s3_through_the_job_api_then_skips(
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     t0 = int(time.time() * 1000)
+    # Compact: the encode stage's own command first, killed mid-run and re-run; the pipeline then finds
+    # its output complete.
+    encode_logs = _encode_killed_then_rerun(s3, raw, s3_ray_head, tmp_path) if compact else []
+    ran = stages[1:] if compact else stages
 
     first = _pipeline(str(recipe), s3_ray_head)
     out = first.stdout + first.stderr
@@ -108,7 +177,8 @@ def test_pipeline_on_s3_through_the_job_api_then_skips(
     print(f"pipeline: {time.time() - t0 / 1000:.0f} s")
     assert first.returncode == 0, out[-6000:]
     for k, name in enumerate(stages, 1):
-        assert f"[{k}/{len(stages)}] {name:8s} done in " in out, name
+        done = f"[{k}/{len(stages)}] {name:8s} " + ("done in " if name in ran else "output complete, skipped")
+        assert done in out, name
 
     # Everything is in the bucket, nothing on the local disk of the driver.
     keys = set(s3.keys(f"{prefix}/run/"))
@@ -193,7 +263,7 @@ def test_pipeline_on_s3_through_the_job_api_then_skips(
 
     # The secret key is nowhere it could be read by others.
     secret = s3.secret_key
-    shown = [recipe.read_text(), out, out2, out3, out4, *shown_resume]
+    shown = [recipe.read_text(), out, out2, out3, out4, *shown_resume, *encode_logs]
     for job in jobs.list_jobs():
         shown.append(json.dumps({"entrypoint": job.entrypoint, "metadata": job.metadata,
                                  "runtime_env": job.runtime_env}))  # fmt: skip
