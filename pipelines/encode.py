@@ -705,12 +705,19 @@ def _encode_chunks(
     while todo:
         ds = build_dataset(source, todo, cfg, n_actors, gpus, cpus)
         writer = _ChunkWriter(out, todo, cfg.flip, text=text)
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in batches:
                 writer.add(batch)
         except Exception as e:
             if not _lost_worker(e):
                 raise
+            # Stop the failed stream now, so its actors and tasks give their CPUs back: left to the
+            # garbage collector, the surviving actor held its CPU and the restart waited out its 60 s.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+            del batches, ds
             failures += 1
             left = [c for c in todo if not out.exists(marker_name(c.index))]
             if failures > cfg.max_failures:

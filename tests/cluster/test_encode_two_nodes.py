@@ -97,6 +97,7 @@ def test_encode_spreads_over_both_nodes_and_a_node_killed_mid_encode_loses_nothi
         outcome = wait_for_job(_client(two_nodes.address), first.submission_id, out=log, timeout_s=300)
     except VitditError as e:
         raise AssertionError(f"{e}: {log.getvalue()[-4000:]}") from None
+    print("\n".join(line for line in log.getvalue().splitlines() if "pipelines.encode" in line))
     print(f"killed the worker node after {done_at_kill}/{n_parts} parts; GCS marked it dead in "
           f"{dead_after:.1f} s; the job {outcome.status}")  # fmt: skip
     # The job goes on: the stream fails with the lost actor and the driver restarts it from the
