@@ -14,8 +14,8 @@ Two forms:
   each id exactly once, and the pipeline finds the stage complete. The VAE is
   written to the bucket in-process by the VAE stage's own ``save_vae``, the classifier is a ViT
   checkpoint made here and uploaded: their stages' Ray Train fits take the DiT's path to the bucket. The resume from the bucket's checkpoint 3 must end with the weights of the uninterrupted
-  run's checkpoint 5. Measured 2026-12-04 on the idle 2-core EPYC: see ``test_s3_pipeline``'s
-  durations in the closing note of the session (~150 s).
+  run's checkpoint 5. Measured 2026-12-04 on the 2-core EPYC: 160-182 s
+  plus 10-19 s of fixtures.
 - ``full`` (slow): every stage of the quickstart (the ViT trained to the bucket too); the resume from
   the bucket must equal the same resume from a local copy. 206 s + 14 s of fixtures on the idle
   machine (the pipeline 126 s, the second submission 4 s, two watch passes 15 s, two resumes 57 s).
