@@ -98,7 +98,7 @@ def test_print_recipe_round_trips_to_vitdit_pipeline(tmp_path, capsys, smoke):
     assert recipe.stages == want["stages"] and recipe.name == want["name"]
     if not smoke:  # the packaged file as it is: its comments give the reasons for the settings
         assert recipe.workdir == str(tmp_path / "runs" / "quickstart")
-        assert "# 1,437 training digits" in text and "---" not in text
+        assert "# ViT-digits/8 (4 patches of 8 px)" in text and "---" not in text
 
 
 def test_the_recipe_ships_as_package_data():

@@ -97,6 +97,12 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     # 94.7-95.3% and width 96 at 95.8% under the same recipe (tests/test_vit.py::
     # test_digits_preset_reaches_97_percent, marked slow, replays it). ~1.8M params, ~31 MMACs/image.
     "ViT-digits/4": _vit(192, 4, 4, 4, image=16, classes=10),
+    # The quickstart's classifier since 2026-12-05: the same width and depth on 4 patches of 8 px
+    # (each a 4×4 block of the native 8×8 digit), 5 tokens instead of 17, so ~3.3× fewer MACs. In the
+    # quickstart's recipe (1,200 steps of 128, crops of >= 80% area, label smoothing 0.1) it reached
+    # 98.3-98.9% val accuracy in fp32 (three seeds, 70-75 s at ~2,100 img/s on 2 EPYC threads)
+    # against 98.6% in 186 s for ViT-digits/4 (827 img/s); crops of >= 50% area gave 97.2-98.3%.
+    "ViT-digits/8": _vit(192, 4, 4, 8, image=16, classes=10),
 }
 
 
