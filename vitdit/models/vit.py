@@ -90,12 +90,13 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     "ViT-S/4": _vit(384, 12, 6, 4, image=32, classes=10),
     # Tiny preset for unit tests.
     "ViT-test/4": _vit(32, 2, 2, 4, image=16, classes=10),
-    # Quickstart classifier on the 16 px digits: 16 patches of 4 px, so attention is cheap. Width
-    # 192 is what reached 97% in a CPU budget: with AdamW (lr 1e-3, wd 0.05, batch 64, 50 warmup
-    # steps, cosine over 40 epochs, clip 1.0, no augmentation) it passed 97% validation accuracy
+    # The quickstart classifier until 2026-12-05 (the numbers quickstart still reads glyphs with
+    # it): 16 patches of 4 px on the 16 px digits, so attention is cheap. Width 192 is what reached
+    # 97% in a CPU budget: with AdamW (lr 1e-3, wd 0.05, batch 64, 50 warmup steps, cosine over
+    # 40 epochs, clip 1.0, no augmentation) it passed 97% validation accuracy
     # after 28 epochs, 99 s of one CPU thread (96.9% at the end), while width 128 plateaued at
-    # 94.7-95.3% and width 96 at 95.8% under the same recipe (tests/test_vit.py::
-    # test_digits_preset_reaches_97_percent, marked slow, replays it). ~1.8M params, ~31 MMACs/image.
+    # 94.7-95.3% and width 96 at 95.8% under the same recipe (tests/unit/test_vit.py::
+    # test_digits_preset_learns_the_digits, marked slow, replays it). ~1.8M params, ~31 MMACs/image.
     "ViT-digits/4": _vit(192, 4, 4, 4, image=16, classes=10),
     # The quickstart's classifier since 2026-12-05: the same width and depth on 4 patches of 8 px
     # (each a 4×4 block of the native 8×8 digit), 5 tokens instead of 17, so ~3.3× fewer MACs. In the
