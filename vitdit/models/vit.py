@@ -90,8 +90,8 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     "ViT-S/4": _vit(384, 12, 6, 4, image=32, classes=10),
     # Tiny preset for unit tests.
     "ViT-test/4": _vit(32, 2, 2, 4, image=16, classes=10),
-    # The quickstart classifier until 2026-12-05 (the numbers quickstart still reads glyphs with
-    # it): 16 patches of 4 px on the 16 px digits, so attention is cheap. Width 192 is what reached
+    # The quickstarts' classifier until 2026-12-05 (configs/digits.yaml keeps it): 16 patches of
+    # 4 px on the 16 px digits, so attention is cheap. Width 192 is what reached
     # 97% in a CPU budget: with AdamW (lr 1e-3, wd 0.05, batch 64, 50 warmup steps, cosine over
     # 40 epochs, clip 1.0, no augmentation) it passed 97% validation accuracy
     # after 28 epochs, 99 s of one CPU thread (96.9% at the end), while width 128 plateaued at
