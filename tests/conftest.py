@@ -62,7 +62,7 @@ def mlflow_server(tmp_path_factory):
     yield uri
     # `mlflow server` starts uvicorn and huey consumers: stop the whole process group, not just
     # the parent, or they outlive the test session.
-    stop_process_group(proc)
+    stop_process_group(proc, graceful=False)
 
 
 @pytest.fixture(scope="session")

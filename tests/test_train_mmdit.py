@@ -79,6 +79,10 @@ def test_mmdit_job_trains_on_captioned_digits_and_logs_to_mlflow(mmdit_run, mlfl
 
 
 @pytest.mark.ray
+# 27 s, in `-m slow`: the trainer's resume is the same loop for every task, and the default run proves
+# it exact three times (tests/test_train_faults.py's SIGKILL restart and --resume, the two-node
+# restart, --resume from s3://); this adds the MM-DiT's task state (captions, text conditioning).
+@pytest.mark.slow
 def test_mmdit_resume_is_exact(mmdit_run, caption_latents, tmp_path):
     """--resume from the step-20 checkpoint into a new run reproduces the step-40 weights bit for bit."""
     from jobs.train_mmdit import main
@@ -96,6 +100,10 @@ def test_mmdit_resume_is_exact(mmdit_run, caption_latents, tmp_path):
 
 
 @pytest.mark.ray
+# 14 s, in `-m slow`: tests/test_sample.py proves sample i independent of the actor count in the
+# default run (the same chunks and actor pool, pipelines/sample.py); this adds the prompt generator,
+# the prompts' order and their file.
+@pytest.mark.slow
 def test_prompt_samples_do_not_depend_on_the_number_of_actors(mmdit_run, tmp_path):
     from pipelines.sample import SampleConfig, run_sampling
     from pipelines.sample_mmdit import PROMPTS_NAME

@@ -56,4 +56,4 @@ def s3_mlflow_server(s3, tmp_path_factory):
     try:
         yield uri
     finally:
-        stop_process_group(proc)
+        stop_process_group(proc, graceful=False)
