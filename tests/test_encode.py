@@ -227,9 +227,10 @@ def test_webdataset_and_parquet_sources_match_direct_encoding(ray_session, tiny_
 
 
 @pytest.mark.ray
-# 22-25 s. The default run proves the same resume twice: the object-storage pipeline test SIGKILLs
-# this job's driver mid-encode and re-runs it (each id once, on s3://), and the two-node test kills a
-# node mid-encode on local disk and re-runs it. This local-disk driver kill runs in `-m slow`.
+# 22-25 s, in `-m slow`. The default run's object-storage pipeline test SIGKILLs this job's driver
+# mid-encode and re-runs it (it resumes from the finished parts, each id once, on s3://); the two-node
+# test kills a node mid-encode on local disk (in most runs the driver restarts from the unfinished
+# parts). This test adds the driver kill on local disk.
 @pytest.mark.slow
 def test_sigkill_of_the_driver_then_rerun_writes_each_id_once(
     ray_session, tiny_vae_dir, digits_root, tmp_path

@@ -80,7 +80,7 @@ def test_mmdit_job_trains_on_captioned_digits_and_logs_to_mlflow(mmdit_run, mlfl
 
 @pytest.mark.ray
 # 27 s, in `-m slow`: the trainer's resume is the same loop for every task, and the default run proves
-# it exact three times (tests/test_train_faults.py's SIGKILL restart and --resume, the two-node
+# it exact four times (tests/test_train_faults.py's SIGKILL restart and --resume, the two-node
 # restart, --resume from s3://); this adds the MM-DiT's task state (captions, text conditioning).
 @pytest.mark.slow
 def test_mmdit_resume_is_exact(mmdit_run, caption_latents, tmp_path):
